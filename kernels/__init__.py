@@ -1,0 +1,38 @@
+"""LoRA compute ops with three paths each: a naive reference (the test oracle), a vectorised
+PyTorch path (CPU serving) and, later, a Triton kernel (GPU serving).
+
+`get_lora_ops(name, device)` picks a path: "auto" (Triton on CUDA, PyTorch elsewhere),
+"torch", "triton" or "reference". Triton is imported only when asked for.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+import torch
+
+from .lora_groups import TokenGroups
+
+_PATHS = {"torch": "lora_torch", "reference": "lora_reference", "triton": "lora_triton"}
+
+
+def get_lora_ops(name: str = "auto", device: torch.device | str = "cpu") -> ModuleType:
+    """The module providing `lora_shrink` and `lora_expand` for this choice and device."""
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name not in _PATHS:
+        raise ValueError(f"unknown kernels {name!r}: choose auto, torch, triton or reference")
+    try:
+        return importlib.import_module(f"{__name__}.{_PATHS[name]}")
+    except ImportError as exc:
+        raise ValueError(f"--kernels {name} is not available here: {exc}") from exc
+
+
+def _triton_available() -> bool:
+    has_kernel = importlib.util.find_spec(f"{__name__}.{_PATHS['triton']}") is not None
+    return has_kernel and importlib.util.find_spec("triton") is not None
+
+
+__all__ = ["TokenGroups", "get_lora_ops"]

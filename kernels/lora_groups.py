@@ -1,0 +1,81 @@
+"""How a batch's tokens are grouped for the low-rank update of one rank class.
+
+Adapters of one projection type that share a rank live in one stacked pool (`[S, r, in]`
+for A, `[S, out, r]` for B). For one step, the tokens that use adapters of that rank are
+described by a `TokenGroups`: which rows of the batch they are, and which pool entry each
+row (and each contiguous segment of rows) uses. Rows with no adapter appear in no group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """Rows of the batch that one rank class serves, sorted so each adapter's rows are contiguous.
+
+    rows:        [n] long, batch row of each served token, or None when the rows are the
+                 contiguous range `row_start .. row_start + n` (no gather/scatter needed).
+    row_start:   first row when `rows` is None.
+    num_rows:    n.
+    seg_lens:    [G] long, number of rows of each segment (one segment per active adapter).
+    seg_slots:   [G] long, pool entry of each segment.
+    row_slots:   [n] long, pool entry of each row (the decode, one-token-per-request form).
+    seg_offsets: G cumulative segment ends as int32 (the form `grouped_mm` takes).
+    """
+
+    rows: torch.Tensor | None
+    row_start: int
+    num_rows: int
+    seg_lens: torch.Tensor
+    seg_slots: torch.Tensor
+    row_slots: torch.Tensor
+    seg_offsets: torch.Tensor
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.seg_lens.shape[0])
+
+    @staticmethod
+    def build(
+        seg_row_starts: list[int], seg_lens: list[int], seg_slots: list[int], device: torch.device | str = "cpu"
+    ) -> "TokenGroups":
+        """Groups from per-segment (first row, length, pool entry), segments in row order."""
+        num_rows = sum(seg_lens)
+        contiguous = all(
+            seg_row_starts[i] + seg_lens[i] == seg_row_starts[i + 1] for i in range(len(seg_lens) - 1)
+        )
+        if contiguous:
+            rows = None
+            row_start = seg_row_starts[0] if seg_row_starts else 0
+        else:
+            rows = torch.cat(
+                [torch.arange(s, s + n, dtype=torch.long) for s, n in zip(seg_row_starts, seg_lens)]
+            ).to(device)
+            row_start = 0
+        lens = torch.tensor(seg_lens, dtype=torch.long)
+        slots = torch.tensor(seg_slots, dtype=torch.long)
+        return TokenGroups(
+            rows=rows,
+            row_start=row_start,
+            num_rows=num_rows,
+            seg_lens=lens.to(device),
+            seg_slots=slots.to(device),
+            row_slots=torch.repeat_interleave(slots, lens).to(device),
+            seg_offsets=torch.cumsum(lens, 0).to(torch.int32).to(device),
+        )
+
+    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, d] -> the served rows [n, d]."""
+        if self.rows is None:
+            return x[self.row_start : self.row_start + self.num_rows]
+        return x.index_select(0, self.rows)
+
+    def scatter_add_rows(self, y: torch.Tensor, update: torch.Tensor) -> None:
+        """y[served rows] += update; y [T, out] (may be a column slice view), update [n, out]."""
+        if self.rows is None:
+            y[self.row_start : self.row_start + self.num_rows] += update
+        else:
+            y.index_add_(0, self.rows, update)

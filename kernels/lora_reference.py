@@ -1,0 +1,38 @@
+"""The naive reference for the LoRA ops: a plain loop over tokens. The test oracle; never optimised."""
+from __future__ import annotations
+
+import torch
+
+from .lora_groups import TokenGroups
+
+
+def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+    """Shrink each served token by its own adapter's A.
+
+    x [T, in], a_pool [S, r, in] -> xa [n, r], where for the i-th served token:
+        xa[i] = a_pool[groups.row_slots[i]] @ x[row_i]
+    """
+    rows = _served_rows(groups)
+    out = torch.zeros(groups.num_rows, a_pool.shape[1], dtype=torch.float32)
+    for i, row in enumerate(rows):
+        a = a_pool[int(groups.row_slots[i])].float()
+        out[i] = a @ x[row].float()
+    return out.to(x.dtype)
+
+
+def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor) -> None:
+    """Expand each served token by its own adapter's B (scale already folded in) into y.
+
+    xa [n, r], b_pool [S, out, r], y [T, out] (a column slice of the fused output is fine):
+        y[row_i] += b_pool[groups.row_slots[i]] @ xa[i]
+    """
+    rows = _served_rows(groups)
+    for i, row in enumerate(rows):
+        b = b_pool[int(groups.row_slots[i])].float()
+        y[row] += (b @ xa[i].float()).to(y.dtype)
+
+
+def _served_rows(groups: TokenGroups) -> list[int]:
+    if groups.rows is None:
+        return list(range(groups.row_start, groups.row_start + groups.num_rows))
+    return [int(r) for r in groups.rows]

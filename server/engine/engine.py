@@ -1,0 +1,280 @@
+"""The engine: one resident base model, many adapters, continuous batching.
+
+    engine = Engine(EngineConfig(model=...))
+    engine.register_adapter("sql", "/adapters/sql")        # LoRA or soft prompt, kind from its config
+    engine.add_request(Request(prompt="...", adapter="sql"))
+    while engine.has_unfinished():
+        for out in engine.step(): ...                         # deltas per request
+
+Not thread-safe: one thread drives `step`; the server front hands requests over to it.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from loraplex.kernels import get_lora_ops
+
+from . import loader
+from .adapter_slots import AdapterSlots, Registered
+from .adapters import AdapterError, BaseModelShape
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model import FUSED, CausalLM
+from .model_config import spec_from_hf_config
+from .model_runner import ModelRunner
+from .sampler import Sampler, make_generator
+from .scheduler import Scheduler
+from .sequence import Request, RequestOutput, Sequence, Status
+
+
+class RequestError(ValueError):
+    """A request the engine refuses as given (the message says why); nothing else is affected."""
+
+
+@dataclass
+class Completion:
+    """The whole result of one request (offline use)."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype()
+        self.model_path = loader.resolve_model(config.model)
+        self.spec = spec_from_hf_config(loader.load_config(self.model_path), str(config.model or self.model_path))
+        self.tokenizer = loader.load_tokenizer(self.model_path)
+        self.max_model_len = self._context_limit()
+        weights = loader.load_weights(self.model_path, self.dtype)
+        self.model = CausalLM(self.spec, weights, config.quantize, self.device, self.max_model_len)
+        self.ops = get_lora_ops(config.kernels, self.device)
+        self.blocks = BlockManager(-(-config.max_total_tokens // config.block_size), config.block_size)
+        self.slots = AdapterSlots(
+            BaseModelShape(self.spec.num_layers, self.spec.hidden_size, self.spec.projection_shapes(),
+                           self.spec.name_or_path),
+            self._projection_layers(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
+            self.dtype, self.device,
+        )
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens)
+        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
+        self.sampler = Sampler()
+        self.eos_ids = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._seqs: dict[str, Sequence] = {}
+
+    def _context_limit(self) -> int:
+        limit = self.spec.max_position_embeddings
+        if self.spec.sliding_window:  # attention spans the whole context, so stay within the window
+            limit = min(limit, self.spec.sliding_window)
+        if self.config.max_model_len:
+            limit = min(limit, self.config.max_model_len)
+        return limit
+
+    def _projection_layers(self) -> dict[str, list]:
+        return {
+            proj: [layer.proj[fused] for layer in self.model.layers]
+            for fused, projs in FUSED.items()
+            for proj in projs
+        }
+
+    # adapters --------------------------------------------------------------------------
+    def register_adapter(self, name: str, path: str) -> Registered:
+        """Validate and register a PEFT adapter (LoRA or soft prompt); raises AdapterError."""
+        return self.slots.register(name, path)
+
+    def unregister_adapter(self, name: str) -> None:
+        self.slots.unregister(name)
+
+    # requests --------------------------------------------------------------------------
+    def add_request(self, request: Request) -> str:
+        """Queue a request; raises RequestError when it cannot run as given."""
+        seq = self._sequence(request)
+        self._seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def _sequence(self, request: Request) -> Sequence:
+        try:
+            request.params.validate()
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._seqs:
+            raise RequestError(f"request id {request_id!r} is already in flight")
+        prompt_ids = self._prompt_ids(request)
+        if request.adapter is not None and self.slots.kind(request.adapter) != "lora":
+            raise RequestError(f"unknown LoRA adapter {request.adapter!r}")
+        soft = None
+        if request.soft_prompt is not None:
+            if self.slots.kind(request.soft_prompt) != "soft_prompt":
+                raise RequestError(f"unknown soft prompt {request.soft_prompt!r}")
+            soft = self.slots.soft_prompts[request.soft_prompt].embeddings
+        virtual = 0 if soft is None else soft.shape[0]
+        total = virtual + len(prompt_ids) + request.params.max_new_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt of {len(prompt_ids)} tokens"
+                + (f" plus {virtual} soft-prompt tokens" if virtual else "")
+                + f" plus max_new_tokens {request.params.max_new_tokens} is {total} tokens, "
+                f"beyond the model's context of {self.max_model_len}"
+            )
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if total > capacity:
+            raise RequestError(f"request needs {total} tokens of KV cache, the server holds {capacity}")
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, tuple(request.params.stop))
+        return Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
+                        make_generator(request.params.seed), detok)
+
+    def _prompt_ids(self, request: Request) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
+        if sum(given) != 1:
+            raise RequestError("give exactly one of prompt, messages or prompt_token_ids")
+        if request.prompt is not None:
+            if not isinstance(request.prompt, str):
+                raise RequestError("prompt must be a string")
+            ids = self.tokenizer(request.prompt)["input_ids"]
+        elif request.messages is not None:
+            ids = self._chat_ids(request.messages)
+        else:
+            ids = list(request.prompt_token_ids)
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise RequestError(f"prompt token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
+        if not ids:
+            raise RequestError("the prompt is empty")
+        return list(ids)
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise RequestError("messages must be a non-empty list")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RequestError(f"messages[{i}] must be an object with string 'role' and 'content'")
+        if not self.tokenizer.chat_template:
+            raise RequestError("this model has no chat template; send a prompt instead of messages")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def abort(self, request_id: str) -> bool:
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # stepping --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        seqs, is_prefill, failed = self.scheduler.schedule()
+        outputs = [self._failure(seq, error) for seq, error in failed]
+        if not seqs:
+            return outputs
+        logits = self.runner.run(seqs, is_prefill)
+        next_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        for seq, token in zip(seqs, next_ids):
+            outputs.append(self._advance(seq, token))
+        return outputs
+
+    def _failure(self, seq: Sequence, error: str) -> RequestOutput:
+        self._seqs.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, finished=True, finish_reason="error", error=error,
+                             prompt_tokens=len(seq.prompt_ids))
+
+    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.output_ids.append(token)
+        detok = seq.detokenizer
+        detok.add(token)
+        params = seq.params
+        if detok.stopped:
+            seq.finish_reason = "stop"
+        elif token in self.eos_ids and not params.ignore_eos:
+            seq.finish_reason = "eos"
+        elif len(seq.output_ids) >= params.max_new_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if seq.finish_reason != "stop":
+                detok.flush()
+            self.scheduler.finish(seq)
+            self._seqs.pop(seq.request_id, None)
+        return self._delta(seq)
+
+    def _delta(self, seq: Sequence) -> RequestOutput:
+        """Text and ids that became final since the last output of `seq`."""
+        detok = seq.detokenizer
+        text, ids = detok.text, detok.token_ids
+        final_ids = len(ids) if seq.status is Status.FINISHED else detok.num_final_ids
+        out = RequestOutput(
+            seq.request_id,
+            text=text[seq.sent_text:],
+            token_ids=ids[seq.sent_ids:final_ids],
+            finished=seq.status is Status.FINISHED,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(ids),
+        )
+        seq.sent_text = len(text)
+        seq.sent_ids = max(seq.sent_ids, final_ids)
+        return out
+
+    # offline ---------------------------------------------------------------------------
+    def prompt_logits(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Teacher-forced logits [len(prompt), vocab] at every real position of every request,
+        all requests in one mixed prefill batch (for parity tests and scoring)."""
+        seqs = [self._sequence(r) for r in requests]
+        try:
+            for seq in seqs:
+                if seq.adapter is not None:
+                    slot = self.slots.acquire(seq.adapter)
+                    if slot is None:
+                        raise RequestError("more distinct adapters than --max-loras slots in one batch")
+                    seq.slot = slot
+                self.blocks.allocate(seq.block_table, seq.num_tokens)
+            logits = self.runner.run(seqs, is_prefill=True, all_logits=True)
+        finally:
+            for seq in seqs:
+                self.scheduler.finish(seq)
+        per_seq = logits.split([s.num_tokens for s in seqs])
+        return [x[s.num_virtual:] for x, s in zip(per_seq, seqs)]
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Run all requests together as one workload; results in input order. A request that
+        is refused or fails gets its error; the others complete."""
+        results: list[Completion] = []
+        by_id: dict[str, Completion] = {}
+        for request in requests:
+            try:
+                request_id = self.add_request(request)
+            except (RequestError, AdapterError) as exc:
+                results.append(Completion(request.request_id or "", error=str(exc), finish_reason="error"))
+                continue
+            completion = Completion(request_id, prompt_tokens=len(self._seqs[request_id].prompt_ids))
+            results.append(completion)
+            by_id[request_id] = completion
+        while self.has_unfinished():
+            for out in self.step():
+                completion = by_id.get(out.request_id)
+                if completion is None:
+                    continue
+                completion.text += out.text
+                completion.token_ids += out.token_ids
+                if out.finished:
+                    completion.finish_reason = out.finish_reason
+                    completion.error = out.error
+        return results

@@ -1,0 +1,65 @@
+"""The LoRA-aware projection: the base weights once for the whole batch, then each token's own
+adapter's low-rank update, grouped by rank class (see `lora_batch`).
+
+A layer may fuse several projections of one input (q/k/v, gate/up): the base is one matmul
+and each projection (a "slice" of the output columns) has its own rank pools.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .lora_batch import LoraBatch
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, slices: list[tuple[str, int]], in_features: int) -> None:
+        """slices: (projection name, out_features) in output-column order."""
+        super().__init__()
+        self.base = base
+        self.in_features = in_features
+        self.slices: dict[str, tuple[int, int]] = {}  # projection -> (first column, out_features)
+        col = 0
+        for name, out in slices:
+            self.slices[name] = (col, out)
+            col += out
+        # projection -> rank -> (A pool [cap, r, in], B pool [cap, out, r], B already scaled)
+        self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.slices}
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType) -> torch.Tensor:
+        """x [T, in] -> y [T, sum(out)]."""
+        y = self.base(x)
+        if lora is None:
+            return y
+        for name, (col, out) in self.slices.items():
+            for rank, groups in lora.groups.get(name, ()):
+                a_pool, b_pool = self.pools[name][rank]
+                xa = ops.lora_shrink(x, a_pool, groups)
+                ops.lora_expand(xa, b_pool, groups, y[:, col : col + out] if len(self.slices) > 1 else y)
+        return y
+
+    def ensure_capacity(self, name: str, rank: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Grow (or create) the rank-`rank` pools of projection `name` to `capacity` entries."""
+        out = self.slices[name][1]
+        old = self.pools[name].get(rank)
+        if old is not None and old[0].shape[0] >= capacity:
+            return
+        a = torch.zeros(capacity, rank, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(capacity, out, rank, dtype=dtype, device=device)
+        if old is not None:
+            a[: old[0].shape[0]] = old[0]
+            b[: old[1].shape[0]] = old[1]
+        self.pools[name][rank] = (a, b)
+
+    def write(self, name: str, rank: int, entry: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Store one adapter's A [r_i, in] and scaled B [out, r_i] (r_i <= rank; the rest stays zero).
+        None means the adapter leaves this projection of this layer alone: the entry is zeroed."""
+        a_pool, b_pool = self.pools[name][rank]
+        a_pool[entry].zero_()
+        b_pool[entry].zero_()
+        if a is not None:
+            r = a.shape[0]
+            a_pool[entry, :r].copy_(a)
+            b_pool[entry, :, :r].copy_(b)

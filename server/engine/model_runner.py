@@ -1,0 +1,99 @@
+"""Turns a scheduled batch of sequences into model inputs, runs the model, returns logits.
+
+Sequences are ordered by adapter slot inside the step so each adapter's rows are one
+contiguous segment; logits come back in the caller's order.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from .adapter_slots import AdapterSlots
+from .attention import AttentionMetadata
+from .block_manager import BlockManager
+from .lora_batch import LoraBatch
+from .model import CausalLM, ForwardBatch
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, blocks: BlockManager, slots: AdapterSlots, ops: ModuleType,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.slots = slots
+        self.ops = ops
+        self.device = device
+        spec = model.spec
+        shape = (blocks.num_blocks, blocks.block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_cache = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
+        """-> logits [len(seqs), vocab] for each sequence's last position (float32), in `seqs` order;
+        with all_logits (prefill only), [sum of positions, vocab] for every position, sequence by sequence."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
+        ordered = [seqs[i] for i in order]
+        batch = self._prefill_batch(ordered, all_logits) if is_prefill else self._decode_batch(ordered)
+        logits = self.model(batch, self.kv_cache, self.ops)
+        if all_logits:
+            per_seq = logits.split([s.num_tokens for s in ordered])
+            back = [None] * len(seqs)
+            for pos, i in enumerate(order):
+                back[i] = per_seq[pos]
+            return torch.cat(back)
+        result = torch.empty_like(logits)
+        result[torch.tensor(order, device=logits.device)] = logits
+        return result
+
+    def _slot_mapping(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor(seq.block_table, dtype=torch.long)
+        bs = self.blocks.block_size
+        return table[positions // bs] * bs + positions % bs
+
+    def _prefill_batch(self, seqs: list[Sequence], all_logits: bool) -> ForwardBatch:
+        ids, positions, slots, logit_rows, soft_rows, soft_vectors = [], [], [], [], [], []
+        row = 0
+        for seq in seqs:
+            n = seq.num_tokens
+            pos = torch.arange(n)
+            ids.append(torch.tensor([0] * seq.num_virtual + seq.prefill_ids(), dtype=torch.long))
+            positions.append(pos)
+            slots.append(self._slot_mapping(seq, pos))
+            if seq.num_virtual:
+                soft_rows.append(torch.arange(row, row + seq.num_virtual))
+                soft_vectors.append(seq.soft_prompt)
+            logit_rows.append(torch.arange(row, row + n) if all_logits else torch.tensor([row + n - 1]))
+            row += n
+        dev = self.device
+        slot_mapping = torch.cat(slots).to(dev)
+        return ForwardBatch(
+            input_ids=torch.cat(ids).to(dev),
+            positions=torch.cat(positions).to(dev),
+            attn=AttentionMetadata.for_prefill([s.num_tokens for s in seqs], slot_mapping, dev),
+            lora=LoraBatch.build([s.slot for s in seqs], [s.num_tokens for s in seqs], self.slots.tables, dev),
+            logit_rows=torch.cat(logit_rows).to(dev),
+            soft_rows=torch.cat(soft_rows).to(dev) if soft_rows else None,
+            soft_vectors=torch.cat(soft_vectors) if soft_vectors else None,
+        )
+
+    def _decode_batch(self, seqs: list[Sequence]) -> ForwardBatch:
+        dev = self.device
+        bs = self.blocks.block_size
+        positions = [s.num_tokens - 1 for s in seqs]
+        slot_mapping = torch.tensor(
+            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)], dtype=torch.long, device=dev
+        )
+        return ForwardBatch(
+            input_ids=torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            attn=AttentionMetadata.for_decode(
+                [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, slot_mapping, dev
+            ),
+            lora=LoraBatch.build([s.slot for s in seqs], [1] * len(seqs), self.slots.tables, dev),
+            logit_rows=torch.arange(len(seqs), device=dev),
+        )

@@ -1,0 +1,89 @@
+"""Base linear layers: plain dense weights, or bitsandbytes NF4 / FP4 / int8 (CPU and GPU alike).
+
+The quantized layers are built exactly as `transformers` builds them for a
+`BitsAndBytesConfig` (blocksize 64, no double quantization, int8 outlier threshold 6.0),
+so the engine and a Hugging Face model quantized from the same weights hold the same bits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+INT8_THRESHOLD = 6.0
+
+
+class DenseLinear(nn.Module):
+    """y = x @ W^T + b with W [out, in]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ConcatLinear(nn.Module):
+    """Several quantized projections of one input, outputs concatenated (the quantized twin of a
+    fused dense weight: each part keeps its own quantization blocks, as in the unfused model)."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
+def make_linear(
+    weights: list[torch.Tensor], biases: list[torch.Tensor | None], quantize: str, device: torch.device
+) -> nn.Module:
+    """One (possibly fused) projection from per-slice weights [out_i, in] and biases [out_i]."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
+    if quantize == "none":
+        weight = torch.cat(weights, 0) if len(weights) > 1 else weights[0]
+        if all(b is None for b in biases):
+            bias = None
+        else:
+            bias = torch.cat([b if b is not None else weight.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        return DenseLinear(weight.to(device).contiguous(), None if bias is None else bias.to(device))
+    parts = [_quantized(w, b, quantize, device) for w, b in zip(weights, biases)]
+    return parts[0] if len(parts) == 1 else ConcatLinear(parts)
+
+
+def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, quantize: str, device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    has_bias = bias is not None
+    if quantize in ("nf4", "fp4"):
+        layer = bnb.nn.Linear4bit(
+            in_features, out_features, bias=has_bias, compute_dtype=weight.dtype,
+            quant_type=quantize, compress_statistics=False, device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            weight.contiguous(), requires_grad=False, quant_type=quantize, compress_statistics=False
+        )
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=has_bias, has_fp16_weights=False,
+            threshold=INT8_THRESHOLD, device="meta",
+        )
+        layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
+    if has_bias:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    layer = layer.to(device)
+    layer.out_features = out_features
+    return layer

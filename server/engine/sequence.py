@@ -1,0 +1,97 @@
+"""Requests as the engine receives them, sequences as it runs them, outputs as it returns them."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampler import SamplingParams
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation request: a prompt (text, chat messages or token ids) and what to apply to it."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_token_ids: list[int] | None = None
+    adapter: str | None = None
+    soft_prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: deltas since the previous output."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "length" | "stop" | "eos" | "abort" | "error"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """A request inside the engine: its tokens, its KV blocks, its adapter slot."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        soft_prompt: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        detokenizer=None,
+    ) -> None:
+        self.request_id = request_id
+        self.order = next(_ids)  # admission order, for preempting the newest first
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.adapter = adapter
+        self.soft_prompt = soft_prompt  # [num_virtual, hidden] or None
+        self.generator = generator
+        self.detokenizer = detokenizer
+        self.output_ids: list[int] = []
+        self.block_table: list[int] = []
+        self.slot = -1  # adapter slot while running, -1 for none
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+        self.sent_text = 0  # characters of final text already returned
+        self.sent_ids = 0  # token ids already returned
+
+    @property
+    def num_virtual(self) -> int:
+        return 0 if self.soft_prompt is None else self.soft_prompt.shape[0]
+
+    @property
+    def num_prompt_positions(self) -> int:
+        return self.num_virtual + len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions with (or about to get) KV entries: virtual, prompt and generated tokens."""
+        return self.num_prompt_positions + len(self.output_ids)
+
+    def prefill_ids(self) -> list[int]:
+        """Real token ids a prefill feeds (after a preemption the generated ones are recomputed)."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]

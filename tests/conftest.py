@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny random Llama (with its own byte-level tokenizer) and real PEFT adapters
+built from it, all inside the test session's temporary directory. Nothing is downloaded."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    max_position_embeddings=256, initializer_range=0.3, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is loraplex serving many adapters",
+    "SELECT name FROM users WHERE id = 1;",
+    "translate to French: good morning -> bonjour",
+] * 8
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_llama(out: Path, seed: int = 0, model_type: str = "llama", **overrides) -> Path:
+    """A randomly initialised Llama-family model directory (config, safetensors, tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = classes[model_type]
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out)
+    params = {**TINY, **overrides}
+    config = config_cls(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.eos_token_id, **params)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.save_pretrained(out)
+    return out
+
+
+def build_lora(model_dir: Path, out: Path, targets: list[str], r: int, alpha: int, seed: int,
+               scale: float = 0.3, **lora_kwargs) -> Path:
+    """A real PEFT LoRA adapter with random (non-zero) A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM",
+                        **lora_kwargs)
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    model.save_pretrained(out)
+    return out
+
+
+def build_soft_prompt(model_dir: Path, out: Path, num_virtual: int, seed: int, scale: float = 1.0) -> Path:
+    """A real PEFT prompt-tuning adapter with random virtual-token embeddings."""
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.prompt_encoder["default"].embedding.weight
+        emb.copy_(torch.randn(emb.shape, generator=gen) * scale)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Four LoRAs of different ranks and target sets, and one soft prompt."""
+    root = tmp_path_factory.mktemp("adapters")
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    return {
+        "attn4": build_lora(tiny_model, root / "attn4", attn, r=4, alpha=8, seed=1),
+        "mlp8": build_lora(tiny_model, root / "mlp8", mlp, r=8, alpha=16, seed=2),
+        "all16": build_lora(tiny_model, root / "all16", attn + mlp, r=16, alpha=16, seed=3, scale=0.15),
+        "rs2": build_lora(tiny_model, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=4, use_rslora=True),
+        "soft": build_soft_prompt(tiny_model, root / "soft", num_virtual=5, seed=5),
+    }

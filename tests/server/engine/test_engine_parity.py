@@ -1,0 +1,104 @@
+"""The engine against Hugging Face `peft`: one mixed batch, each request checked against PEFT alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.sampler import SamplingParams
+from loraplex.server.engine.sequence import Request
+
+ATOL = 1e-4  # float32, absolute, on logits (the issue's bound)
+STEPS = 8
+
+# (adapter, soft prompt) per request; several prompts each so adapters span several rows
+CASES = [
+    (None, None),
+    ("attn4", None),
+    ("mlp8", None),
+    ("all16", None),
+    ("rs2", None),
+    (None, "soft"),
+    ("attn4", "soft"),
+    ("all16", None),
+    (None, None),
+]
+PROMPTS = [
+    [5, 17, 42, 99, 7],
+    [11, 3, 250, 64, 33, 8, 91],
+    [200, 12],
+    [7, 7, 7, 19, 140, 66, 2 + 3, 81, 9, 10, 44],
+]
+
+
+def _engine(model_dir, adapters, **kw) -> Engine:
+    engine = Engine(EngineConfig(model=str(model_dir), max_total_tokens=2048, block_size=4, **kw))
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    return engine
+
+
+def _requests(steps: int) -> list[Request]:
+    return [
+        Request(prompt_token_ids=PROMPTS[i % len(PROMPTS)], adapter=a, soft_prompt=s, request_id=f"req-{i}",
+                params=SamplingParams(max_new_tokens=steps, ignore_eos=True))
+        for i, (a, s) in enumerate(CASES)
+    ]
+
+
+def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None, atol=ATOL):
+    requests = _requests(STEPS)
+    decode_logits: list[tuple[list, torch.Tensor]] = []  # (sequences, logits) per step
+    run = engine.runner.run
+
+    def recording_run(seqs, is_prefill, all_logits=False):
+        out = run(seqs, is_prefill, all_logits)
+        decode_logits.append((list(seqs), out))
+        return out
+
+    engine.runner.run = recording_run
+    try:
+        results = engine.generate(requests)
+    finally:
+        engine.runner.run = run
+    assert all(r.error is None for r in results), [r.error for r in results]
+    # every request ran in the same steps: one prefill then STEPS - 1 decodes, all together
+    assert len(decode_logits) == STEPS and all(len(s) == len(requests) for s, _ in decode_logits)
+
+    refs = []
+    for req, result in zip(requests, results):
+        model, soft_vectors = reference.load(
+            model_dir, adapters.get(req.adapter), adapters.get(req.soft_prompt), quantize)
+        ref = reference.greedy(model, req.prompt_token_ids, STEPS, soft_vectors)
+        refs.append(ref)
+        n = reference.comparable(ref, atol)
+        assert n >= STEPS // 2, f"reference margins too small to test {req.adapter}/{req.soft_prompt}: {ref.margins}"
+        assert result.token_ids[:n] == ref.tokens[:n], (req.adapter, req.soft_prompt)
+
+    # teacher forcing: the reference's sequences, all in one mixed prefill
+    forced = [Request(prompt_token_ids=r.prompt_token_ids + ref.tokens, adapter=r.adapter, soft_prompt=r.soft_prompt)
+              for r, ref in zip(requests, refs)]
+    for req, ref, got in zip(forced, refs, engine.prompt_logits(forced)):
+        torch.testing.assert_close(got, ref.logits, atol=atol, rtol=0, msg=lambda m: f"{req.adapter}/{req.soft_prompt}: {m}")
+
+    # the decode steps' logits, where the engine's tokens still follow the reference's
+    for step, (seqs, logits) in enumerate(decode_logits):
+        for seq, row in zip(seqs, logits):
+            i = int(seq.request_id.removeprefix("req-"))
+            ref, req = refs[i], requests[i]
+            if step >= reference.comparable(ref, atol):
+                continue
+            position = len(req.prompt_token_ids) + step - 1
+            torch.testing.assert_close(row, ref.logits[position], atol=atol, rtol=0)
+
+
+def test_mixed_batch_matches_peft_float32(tiny_model, tiny_adapters, reference):
+    engine = _engine(tiny_model, tiny_adapters)
+    _check_parity(engine, tiny_model, tiny_adapters, reference)
+    assert engine.scheduler.num_preemptions == 0
+
+
+def test_mixed_batch_matches_peft_nf4(tiny_model, tiny_adapters, reference):
+    engine = _engine(tiny_model, tiny_adapters, quantize="nf4")
+    _check_parity(engine, tiny_model, tiny_adapters, reference, quantize="nf4")
