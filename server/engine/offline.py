@@ -135,8 +135,9 @@ def main(argv: list[str]) -> int:
             result = {"error": item}
         else:
             c = next(completions)
-            if c.error and item.adapter in refused:
-                c.error = f"adapter {item.adapter!r} was refused at startup: {refused[item.adapter]}"
+            for name in (item.adapter, item.soft_prompt):
+                if c.error and name in refused:
+                    c.error = f"adapter {name!r} was refused at startup: {refused[name]}"
             result = {"error": c.error} if c.error else {
                 "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
         failed += "error" in result
