@@ -22,6 +22,21 @@ def _use_gather_form(groups: TokenGroups) -> bool:
     return groups.num_rows <= GATHER_ROWS_PER_SEGMENT * groups.num_segments
 
 
+def _segment_matmul(x: torch.Tensor, w: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+    """x [n, k], w [G, m, k] -> [n, m]: each segment's rows times its own w[g]^T.
+
+    `grouped_mm` needs 16-byte aligned strides; other shapes (say rank 2 in float32) take
+    one matmul per segment instead."""
+    if (x.shape[1] * x.element_size()) % 16 == 0 and (w.shape[1] * w.element_size()) % 16 == 0:
+        return F.grouped_mm(x.contiguous(), w.transpose(1, 2), offs=groups.seg_offsets)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, n in enumerate(groups.seg_lens.tolist()):
+        out[start : start + n] = x[start : start + n] @ w[g].t()
+        start += n
+    return out
+
+
 def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
     """x [T, in], a_pool [S, r, in] -> xa [n, r]: xa[i] = a_pool[row_slots[i]] @ x[row_i]."""
     xs = groups.gather_rows(x)  # [n, in]
@@ -31,7 +46,7 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> t
         a = a_pool.index_select(0, groups.row_slots)  # [n, r, in]
         return torch.bmm(a, xs.unsqueeze(2)).squeeze(2)
     a = a_pool.index_select(0, groups.seg_slots)  # [G, r, in]
-    return F.grouped_mm(xs, a.transpose(1, 2), offs=groups.seg_offsets)
+    return _segment_matmul(xs, a, groups)
 
 
 def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor) -> None:
@@ -43,5 +58,5 @@ def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: 
         update = torch.bmm(b, xa.unsqueeze(2)).squeeze(2)
     else:
         b = b_pool.index_select(0, groups.seg_slots)  # [G, out, r]
-        update = F.grouped_mm(xa.contiguous(), b.transpose(1, 2), offs=groups.seg_offsets)
+        update = _segment_matmul(xa, b, groups)
     groups.scatter_add_rows(y, update)

@@ -3,6 +3,7 @@ built from it, all inside the test session's temporary directory. Nothing is dow
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +90,13 @@ def build_soft_prompt(model_dir: Path, out: Path, num_virtual: int, seed: int, s
         emb.copy_(torch.randn(emb.shape, generator=gen) * scale)
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def builders() -> SimpleNamespace:
+    """The builders above, for tests (test modules cannot import conftest)."""
+    return SimpleNamespace(llama=build_tiny_llama, lora=build_lora, soft_prompt=build_soft_prompt,
+                           tokenizer=build_tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -99,7 +99,8 @@ class AdapterSlots:
         return [n for n in self._name_in if n is not None and not n.startswith("\0")]
 
     def acquire(self, name: str) -> int | None:
-        """Reference `name`'s slot, loading it first if needed; None when every slot is in use."""
+        """Reference `name`'s slot, loading it first if needed; None while every slot is held by
+        running sequences (one frees when they finish). Raises when no slot can ever free up."""
         slot = self._slot_of.get(name)
         if slot is None:
             if self.kind(name) != "lora":
@@ -142,6 +143,8 @@ class AdapterSlots:
             if name is None:
                 return slot
         if not self._lru:
+            if not any(self._refs):
+                raise AdapterError(f"all {self.max_loras} adapter slots are pinned; unpin one or raise --max-loras")
             return None
         slot = next(iter(self._lru))
         self._evict(slot)

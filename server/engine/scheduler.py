@@ -42,31 +42,35 @@ class Scheduler:
         return self._decode_batch(), False, failed
 
     def _admit(self, failed: list[tuple[Sequence, str]]) -> list[Sequence]:
+        """FIFO by memory; a sequence whose adapter waits for a free slot is passed over (it keeps
+        its place) so requests for resident adapters and the base model are not held up."""
         batch: list[Sequence] = []
         tokens = 0
+        passed_over: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
             if batch and tokens + seq.num_tokens > self.max_batch_tokens:
                 break
             if not self.blocks.can_allocate(seq.num_tokens):
                 break
+            self.waiting.popleft()
             if seq.adapter is not None:
                 try:
                     slot = self.slots.acquire(seq.adapter)
                 except (AdapterError, OSError) as exc:
-                    self.waiting.popleft()
                     seq.status = Status.FINISHED
                     failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {exc}"))
                     continue
                 if slot is None:
-                    break
+                    passed_over.append(seq)
+                    continue
                 seq.slot = slot
-            self.waiting.popleft()
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append(seq)
             tokens += seq.num_tokens
+        self.waiting.extendleft(reversed(passed_over))
         return batch
 
     def _decode_batch(self) -> list[Sequence]:

@@ -39,16 +39,17 @@ def _engine(model_dir, adapters, **kw) -> Engine:
     return engine
 
 
-def _requests(steps: int) -> list[Request]:
+def _requests(prompts: list[list[int]], cases=CASES, steps: int = STEPS) -> list[Request]:
     return [
-        Request(prompt_token_ids=PROMPTS[i % len(PROMPTS)], adapter=a, soft_prompt=s, request_id=f"req-{i}",
+        Request(prompt_token_ids=prompts[i % len(prompts)], adapter=a, soft_prompt=s, request_id=f"req-{i}",
                 params=SamplingParams(max_new_tokens=steps, ignore_eos=True))
-        for i, (a, s) in enumerate(CASES)
+        for i, (a, s) in enumerate(cases)
     ]
 
 
-def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None, atol=ATOL):
-    requests = _requests(STEPS)
+def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None, atol=ATOL, prompts=PROMPTS):
+    """Greedy tokens equal and teacher-forced logits within `atol` of PEFT, request by request."""
+    requests = _requests(prompts)
     decode_logits: list[tuple[list, torch.Tensor]] = []  # (sequences, logits) per step
     run = engine.runner.run
 
@@ -102,3 +103,28 @@ def test_mixed_batch_matches_peft_float32(tiny_model, tiny_adapters, reference):
 def test_mixed_batch_matches_peft_nf4(tiny_model, tiny_adapters, reference):
     engine = _engine(tiny_model, tiny_adapters, quantize="nf4")
     _check_parity(engine, tiny_model, tiny_adapters, reference, quantize="nf4")
+
+
+@pytest.mark.slow
+def test_default_smollm2_matches_peft(tmp_path_factory, builders, reference):
+    """The same parity on the default model (SmolLM2-135M-Instruct, 30 layers, tied embeddings)."""
+    from loraplex.server.engine.loader import resolve_model
+
+    model_dir = resolve_model(None)
+    root = tmp_path_factory.mktemp("smol-adapters")
+    attn, mlp = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
+    adapters = {
+        "attn4": builders.lora(model_dir, root / "attn4", attn, r=4, alpha=8, seed=11, scale=0.05),
+        "mlp8": builders.lora(model_dir, root / "mlp8", mlp, r=8, alpha=16, seed=12, scale=0.05),
+        "all16": builders.lora(model_dir, root / "all16", attn + mlp, r=16, alpha=16, seed=13, scale=0.03),
+        "rs2": builders.lora(model_dir, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=14, scale=0.1,
+                             use_rslora=True),
+        "soft": builders.soft_prompt(model_dir, root / "soft", num_virtual=6, seed=15, scale=0.05),
+    }
+    engine = Engine(EngineConfig(max_total_tokens=4096))
+    for name, path in adapters.items():
+        engine.register_adapter(name, str(path))
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox",
+             "List three colours: red,"]
+    prompts = [engine.tokenizer(t)["input_ids"] for t in texts]
+    _check_parity(engine, model_dir, adapters, reference, prompts=prompts)
