@@ -118,9 +118,13 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in flight")
         prompt_ids = self._prompt_ids(request)
         if request.adapter is not None and self.slots.kind(request.adapter) != "lora":
+            if self.slots.kind(request.adapter) == "soft_prompt":
+                raise RequestError(f"{request.adapter!r} is a soft prompt, not a LoRA adapter; pass it as soft_prompt")
             raise RequestError(f"unknown LoRA adapter {request.adapter!r}")
         soft = None
         if request.soft_prompt is not None:
+            if self.slots.kind(request.soft_prompt) == "lora":
+                raise RequestError(f"{request.soft_prompt!r} is a LoRA adapter, not a soft prompt; pass it as adapter")
             if self.slots.kind(request.soft_prompt) != "soft_prompt":
                 raise RequestError(f"unknown soft prompt {request.soft_prompt!r}")
             soft = self.slots.soft_prompts[request.soft_prompt].embeddings

@@ -96,9 +96,14 @@ def main(argv: list[str]) -> int:
     if args.prompt is None and (args.adapter_name or args.soft_prompt_name):
         print("error: --adapter-name/--soft-prompt-name go with --prompt; put them in the input lines", file=sys.stderr)
         return 2
+    names = [name for name, _ in args.adapter + args.soft_prompt]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        print(f"error: adapter name(s) given more than once: {', '.join(duplicates)}", file=sys.stderr)
+        return 2
     try:
         items = read_requests(args)
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         print(f"error: cannot read --input: {exc}", file=sys.stderr)
         return 2
     if not items:
@@ -122,6 +127,7 @@ def main(argv: list[str]) -> int:
             for w in caught:
                 print(f"warning: adapter {name!r}: {w.message}", file=sys.stderr)
             if (name, path) in args.soft_prompt and entry.kind != "soft_prompt":
+                engine.unregister_adapter(name)
                 raise AdapterError(f"{path} is a {entry.kind} adapter, not a soft prompt")
         except AdapterError as exc:
             refused[name] = str(exc)
@@ -138,6 +144,8 @@ def main(argv: list[str]) -> int:
             for name in (item.adapter, item.soft_prompt):
                 if c.error and name in refused:
                     c.error = f"adapter {name!r} was refused at startup: {refused[name]}"
+            if c.error and item.request_id and item.request_id.startswith("line-"):
+                c.error = f"line {item.request_id[5:]}: {c.error}"
             result = {"error": c.error} if c.error else {
                 "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
         failed += "error" in result
