@@ -2,8 +2,14 @@
 import importlib
 import sys
 
+# name -> ("module" or "module:function", help); the function (default `main`) takes the
+# remaining arguments and returns the exit status.
 SUBCOMMANDS = {
+    "serve": ("loraplex.server.api.serve", "Serve the model over gRPC (Inference, Admin) with /metrics."),
     "generate": ("loraplex.server.engine.offline", "Run requests through the engine offline."),
+    "complete": ("loraplex.clients.commands:complete_main", "Send one prompt to a loraplex server."),
+    "adapters": ("loraplex.clients.commands:adapters_main", "Register, list, show and delete a server's adapters."),
+    "endpoints": ("loraplex.clients.commands:endpoints_main", "Create, update, list and delete a server's endpoints."),
 }
 
 
@@ -18,8 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"loraplex: unknown command {name!r}; try 'loraplex --help'", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return module.main(rest)
+    module_name, _, function = SUBCOMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function or "main")(rest)
 
 
 if __name__ == "__main__":

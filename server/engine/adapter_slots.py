@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -58,6 +59,10 @@ class AdapterSlots:
         self.pinned: set[str] = set()
         self.loads = 0  # adapters copied into a slot
         self.evictions = 0
+        self.hits = 0  # acquisitions of an adapter already resident
+        self.misses = 0  # acquisitions that had to load it
+        self.load_failures = 0
+        self.load_seconds: list[float] = []  # per load, drained by whoever reports metrics
 
     # registration -----------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike) -> Registered:
@@ -108,7 +113,16 @@ class AdapterSlots:
             slot = self._free_slot()
             if slot is None:
                 return None
-            self._load(name, slot)
+            self.misses += 1
+            start = time.perf_counter()
+            try:
+                self._load(name, slot)
+            except Exception:
+                self.load_failures += 1
+                raise
+            self.load_seconds.append(time.perf_counter() - start)
+        else:
+            self.hits += 1
         if self._refs[slot] == 0:
             self._lru.pop(slot, None)
         self._refs[slot] += 1
@@ -174,6 +188,18 @@ class AdapterSlots:
 
     def _load(self, name: str, slot: int) -> None:
         adapter = self._host_copy(name)
+        try:
+            self._write(adapter, slot)
+        except Exception:
+            for table in self.tables.values():
+                if slot in table.entries:
+                    table.release(slot)
+            raise
+        self._slot_of[name] = slot
+        self._name_in[slot] = name
+        self.loads += 1
+
+    def _write(self, adapter: LoraAdapter, slot: int) -> None:
         for proj, rank in adapter.ranks.items():
             table = self.tables[proj]
             entry, grew = table.assign(slot, rank)
@@ -184,6 +210,3 @@ class AdapterSlots:
             for i, layer in enumerate(layers):
                 a, b = adapter.weights.get((i, proj), (None, None))
                 layer.write(proj, rank, entry, a, b)
-        self._slot_of[name] = slot
-        self._name_in[slot] = name
-        self.loads += 1

@@ -10,6 +10,7 @@ Not thread-safe: one thread drives `step`; the server front hands requests over 
 """
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
@@ -129,6 +130,9 @@ class Engine:
                 raise RequestError(f"unknown soft prompt {request.soft_prompt!r}")
             soft = self.slots.soft_prompts[request.soft_prompt].embeddings
         virtual = 0 if soft is None else soft.shape[0]
+        room = self.max_model_len - virtual - len(prompt_ids)
+        if request.fit_max_new_tokens and 1 <= room < request.params.max_new_tokens:
+            request.params = dataclasses.replace(request.params, max_new_tokens=room)
         total = virtual + len(prompt_ids) + request.params.max_new_tokens
         if total > self.max_model_len:
             raise RequestError(

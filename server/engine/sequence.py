@@ -23,6 +23,8 @@ class Request:
     soft_prompt: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    # max_new_tokens came from a server default, not from the caller: shorten it to fit the context
+    fit_max_new_tokens: bool = False
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""The interface between the store and a metadata backend (SQLite today, PostgreSQL later).
+
+The store never writes SQL; it opens a transaction and calls these methods. Rows travel as
+plain dicts whose keys are the column names below, with ``metadata``/``defaults`` as dicts
+(the backend chooses how to persist JSON).
+
+Adapter row: ``name, version, kind, digest, size_bytes, created_at, metadata``.
+Endpoint row: ``name, adapter_name, adapter_version, soft_prompt_name, soft_prompt_version,
+canary_name, canary_version, canary_weight, template, system_message, defaults,
+max_new_tokens_cap, created_at, updated_at``.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+Row = dict[str, Any]
+
+
+class MetadataTx(Protocol):
+    def allocate_version(self, name: str) -> int:
+        """The next version of ``name``; versions are never reused, even after a delete."""
+
+    def insert_adapter(self, row: Row) -> None: ...
+
+    def get_adapter(self, name: str, version: int | None) -> Row | None:
+        """``version=None``: the latest version."""
+
+    def list_adapters(self, name: str | None = None) -> list[Row]:
+        """By name, then version."""
+
+    def delete_adapters(self, name: str, version: int | None) -> None:
+        """``version=None``: every version of ``name``."""
+
+    def digest_in_use(self, digest: str) -> bool: ...
+
+    def all_digests(self) -> set[str]: ...
+
+    def endpoints_using(self, name: str, version: int | None) -> list[tuple[str, str]]:
+        """``(endpoint, field)`` for every reference to ``name`` (at ``version`` if given)."""
+
+    def insert_endpoint(self, row: Row) -> None: ...
+
+    def update_endpoint(self, row: Row) -> None: ...
+
+    def get_endpoint(self, name: str) -> Row | None: ...
+
+    def list_endpoints(self) -> list[Row]: ...
+
+    def delete_endpoint(self, name: str) -> None: ...
+
+
+class Metadata(Protocol):
+    def write(self) -> AbstractContextManager[MetadataTx]:
+        """A transaction that excludes every other writer, of any process, until it ends;
+        committed on normal exit, rolled back on an exception."""
+
+    def read(self) -> AbstractContextManager[MetadataTx]:
+        """A consistent snapshot for reads."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,331 @@
+"""The adapter registry: validated, versioned, content-addressed adapters and the endpoints using them.
+
+Layout of a store directory::
+
+    registry.sqlite3      metadata (adapter versions, endpoints)
+    blobs/<sha256>/       one directory per distinct adapter content, shared by versions
+    staging/              registrations (and blob removals) in progress
+    store.lock            who has the store open (see :mod:`.lock`)
+
+Publishing is crash-safe by ordering: the adapter is written and checked in ``staging/``,
+renamed into ``blobs/`` (atomic, same filesystem), and only then becomes visible through one
+committed row. A crash before the commit leaves at most a staging leftover or a blob no row
+names; both are removed the next time the store is opened by a sole user.
+
+Blob placement and row insertion share one metadata write transaction, as do the "is this
+digest still used?" check and the blob removal on delete, so a delete can never remove a blob
+that a concurrent publish of identical content has just decided to reuse.
+
+Thread safety: one store object may be used from many threads. Validation, hashing and
+copying run unlocked and in parallel; metadata transactions are serialised (see
+:mod:`.sqlite_metadata`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .blobs import BlobStore
+from .endpoints import check_endpoint
+from .errors import StoreError
+from .files import copy_files, digest_files, scan_flat_dir, seal
+from .lock import StoreLock
+from .metadata import Metadata, MetadataTx, Row
+from .names import format_ref, parse_ref, validate_name
+from .records import KINDS, AdapterRecord, EndpointRecord
+from .sqlite_metadata import SqliteMetadata
+from .staging import StagingArea
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ADAPTER_BYTES = 4 * 1024**3
+
+Validate = Callable[[Path], dict]
+AdapterList = list[AdapterRecord]
+EndpointList = list[EndpointRecord]
+
+# Endpoint field -> (row columns, required kind, what to call it in messages).
+_ENDPOINT_REFS = (
+    ("adapter", "adapter_name", "adapter_version", "lora", "adapter"),
+    ("soft_prompt", "soft_prompt_name", "soft_prompt_version", "soft_prompt", "soft prompt"),
+    ("canary_adapter", "canary_name", "canary_version", "lora", "canary adapter"),
+)
+
+
+class AdapterStore:
+    """A registry rooted at one directory; every method is safe to call from several threads."""
+
+    def __init__(self, root: str | Path, *, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> None:
+        self.root = Path(root)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = StoreLock(self.root / "store.lock")
+        try:
+            exclusive = self._lock.try_exclusive()
+            self._staging = StagingArea(self.root / "staging")
+            self._blobs = BlobStore(self.root / "blobs", self._staging)
+            self._db: Metadata = SqliteMetadata(self.root / "registry.sqlite3")
+        except BaseException:
+            self._lock.release()
+            raise
+        try:
+            if exclusive:
+                self._recover()
+            self._lock.share()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Release the database and the store lock; the object is unusable afterwards."""
+        self._db.close()
+        self._lock.release()
+
+    def __enter__(self) -> AdapterStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recover(self) -> None:
+        """Undo what a crash mid-registration or mid-delete may have left behind."""
+        leftovers = self._staging.clear()
+        with self._db.read() as tx:
+            referenced = tx.all_digests()
+        orphans = sorted(self._blobs.digests() - referenced)
+        for digest in orphans:
+            self._blobs.remove(digest)
+        missing = sorted(referenced - self._blobs.digests())
+        if leftovers or orphans:
+            log.warning("adapter store %s: removed %d staging leftover(s) and %d orphan blob(s) after an "
+                        "interrupted operation", self.root, len(leftovers), len(orphans))
+        if missing:
+            log.error("adapter store %s: blob(s) %s are referenced but missing; those adapters cannot load",
+                      self.root, ", ".join(missing))
+
+    # ---------------------------------------------------------------- adapters
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh empty directory to assemble an adapter in, removed on exit whatever happens."""
+        with self._staging.new() as path:
+            yield path
+
+    def publish(self, name: str, staged: Path, validate: Validate) -> AdapterRecord:
+        """Register the files in ``staged`` (a directory from :meth:`staging`) as the next version of ``name``.
+
+        ``validate(staged)`` vets the adapter and returns its metadata, which must hold
+        ``"kind"``; its exceptions propagate unchanged. ``staged`` is consumed (renamed into
+        the blobs) or left for :meth:`staging` to remove.
+        """
+        validate_name(name)
+        staged = Path(staged)
+        if not self._staging.owns(staged):
+            raise ValueError(f"publish() takes a directory made by AdapterStore.staging(), got {staged}")
+        where = f"adapter {name!r}"
+        files = scan_flat_dir(staged, self.max_adapter_bytes, where)
+        metadata = _checked_metadata(validate(staged))
+        digest, size = digest_files(staged, files, self.max_adapter_bytes, where)
+        seal(staged, files)
+        placed = False
+        try:
+            with self._db.write() as tx:
+                placed = self._blobs.place(staged, digest)
+                row = {"name": name, "version": tx.allocate_version(name), "kind": metadata["kind"],
+                       "digest": digest, "size_bytes": size, "created_at": time.time(), "metadata": metadata}
+                tx.insert_adapter(row)
+        except BaseException:
+            if placed:
+                self._remove_unreferenced([digest])
+            raise
+        return self._adapter(row)
+
+    def publish_dir(self, name: str, source: Path, validate: Validate) -> AdapterRecord:
+        """Copy an adapter directory on this machine into staging, then :meth:`publish` it.
+
+        Only a flat directory of regular files is accepted; symlinks, subdirectories and
+        anything else are refused, all listed in one error.
+        """
+        validate_name(name)
+        where = f"adapter directory {source}"
+        files = scan_flat_dir(Path(source), self.max_adapter_bytes, where)
+        with self.staging() as staged:
+            copy_files(Path(source), staged, files, self.max_adapter_bytes, where)
+            return self.publish(name, staged, validate)
+
+    def get(self, ref: str) -> AdapterRecord:
+        """``"name"``: the latest version; ``"name@v"``: that version."""
+        name, version = parse_ref(ref)
+        with self._db.read() as tx:
+            return self._adapter(self._find(tx, name, version))
+
+    def list(self) -> AdapterList:
+        """Every version of every adapter, by name then version."""
+        with self._db.read() as tx:
+            return [self._adapter(row) for row in tx.list_adapters()]
+
+    def versions(self, name: str) -> AdapterList:
+        """Every version of ``name``, oldest first; ``not_found`` if it has none."""
+        validate_name(name)
+        with self._db.read() as tx:
+            rows = tx.list_adapters(name)
+        if not rows:
+            raise StoreError("not_found", f"adapter {name!r} not found")
+        return [self._adapter(row) for row in rows]
+
+    def delete(self, ref: str) -> AdapterList:
+        """Delete ``"name"`` (every version) or ``"name@v"``; refused while an endpoint uses it."""
+        name, version = parse_ref(ref)
+        with self._db.write() as tx:
+            rows = [self._find(tx, name, version)] if version is not None else tx.list_adapters(name)
+            if not rows:
+                raise StoreError("not_found", f"adapter {name!r} not found")
+            users = tx.endpoints_using(name, version)
+            if users:
+                named = ", ".join(f"{endpoint!r} ({field})" for endpoint, field in users)
+                raise StoreError(
+                    "failed_precondition",
+                    f"adapter {ref!r} is used by endpoint(s) {named}; update or delete those endpoints first",
+                )
+            tx.delete_adapters(name, version)
+        self._remove_unreferenced({row["digest"] for row in rows})
+        return [self._adapter(row) for row in rows]
+
+    def _find(self, tx: MetadataTx, name: str, version: int | None) -> Row:
+        row = tx.get_adapter(name, version)
+        if row is not None:
+            return row
+        if version is None:
+            raise StoreError("not_found", f"adapter {name!r} not found")
+        others = [r["version"] for r in tx.list_adapters(name)]
+        have = f"its versions are {', '.join(map(str, others))}" if others else "no version of it exists"
+        raise StoreError("not_found", f"adapter {format_ref(name, version)!r} not found ({have})")
+
+    def _remove_unreferenced(self, digests: Iterable[str]) -> None:
+        """Remove each blob no row names any more, under the write lock so no publish can reuse it meanwhile."""
+        with self._db.write() as tx:
+            for digest in sorted(digests):
+                if not tx.digest_in_use(digest):
+                    self._blobs.remove(digest)
+
+    def _adapter(self, row: Row) -> AdapterRecord:
+        return AdapterRecord(
+            name=row["name"], version=row["version"], kind=row["kind"], digest=row["digest"],
+            size_bytes=row["size_bytes"], created_at=row["created_at"], metadata=dict(row["metadata"]),
+            blob_dir=self._blobs.path(row["digest"]),
+        )
+
+    # ---------------------------------------------------------------- endpoints
+
+    def create_endpoint(self, rec: EndpointRecord) -> EndpointRecord:
+        """Save a new endpoint; ``"name"`` references resolve to the latest version now."""
+        rec = check_endpoint(rec)
+        with self._db.write() as tx:
+            if tx.get_endpoint(rec.name) is not None:
+                raise StoreError("already_exists", f"endpoint {rec.name!r} already exists")
+            now = time.time()
+            row = self._endpoint_row(tx, rec, created_at=now, updated_at=now)
+            tx.insert_endpoint(row)
+        return _endpoint(row)
+
+    def update_endpoint(self, rec: EndpointRecord) -> EndpointRecord:
+        """Replace an endpoint's settings in one row update; new requests see all or none of it."""
+        rec = check_endpoint(rec)
+        with self._db.write() as tx:
+            old = tx.get_endpoint(rec.name)
+            if old is None:
+                raise StoreError("not_found", f"endpoint {rec.name!r} not found")
+            row = self._endpoint_row(tx, rec, created_at=old["created_at"], updated_at=time.time())
+            tx.update_endpoint(row)
+        return _endpoint(row)
+
+    def get_endpoint(self, name: str) -> EndpointRecord:
+        validate_name(name, "endpoint")
+        with self._db.read() as tx:
+            row = tx.get_endpoint(name)
+        if row is None:
+            raise StoreError("not_found", f"endpoint {name!r} not found")
+        return _endpoint(row)
+
+    def list_endpoints(self) -> EndpointList:
+        """Every endpoint, by name."""
+        with self._db.read() as tx:
+            return [_endpoint(row) for row in tx.list_endpoints()]
+
+    def delete_endpoint(self, name: str) -> EndpointRecord:
+        """Delete an endpoint; returns what it was."""
+        validate_name(name, "endpoint")
+        with self._db.write() as tx:
+            row = tx.get_endpoint(name)
+            if row is None:
+                raise StoreError("not_found", f"endpoint {name!r} not found")
+            tx.delete_endpoint(name)
+        return _endpoint(row)
+
+    def _endpoint_row(self, tx: MetadataTx, rec: EndpointRecord, created_at: float, updated_at: float) -> Row:
+        row: Row = {
+            "name": rec.name, "canary_weight": rec.canary_weight, "template": rec.template,
+            "system_message": rec.system_message, "defaults": rec.defaults,
+            "max_new_tokens_cap": rec.max_new_tokens_cap, "created_at": created_at, "updated_at": updated_at,
+        }
+        for field, name_col, version_col, kind, what in _ENDPOINT_REFS:
+            ref = getattr(rec, field)
+            row[name_col] = row[version_col] = None
+            if ref is None:
+                continue
+            name, version = parse_ref(ref, what)
+            try:
+                target = self._find(tx, name, version)
+            except StoreError as exc:
+                raise StoreError(exc.code, f"endpoint {rec.name!r}: {what} {ref!r}: {exc.message}") from None
+            if target["kind"] != kind:
+                raise StoreError(
+                    "invalid",
+                    f"endpoint {rec.name!r}: {what} {ref!r} is a {target['kind']} adapter; this field takes a {kind}",
+                )
+            row[name_col], row[version_col] = target["name"], target["version"]
+        if row["canary_name"] is not None and (row["canary_name"], row["canary_version"]) == (
+            row["adapter_name"], row["adapter_version"]
+        ):
+            raise StoreError(
+                "invalid",
+                f"endpoint {rec.name!r}: canary adapter and adapter are both "
+                f"{format_ref(row['adapter_name'], row['adapter_version'])}; a canary needs a different version",
+            )
+        return row
+
+
+def _endpoint(row: Row) -> EndpointRecord:
+    def ref(name_col: str, version_col: str) -> str | None:
+        return None if row[name_col] is None else format_ref(row[name_col], row[version_col])
+
+    return EndpointRecord(
+        name=row["name"], adapter=ref("adapter_name", "adapter_version"),
+        soft_prompt=ref("soft_prompt_name", "soft_prompt_version"), template=row["template"],
+        system_message=row["system_message"], defaults=dict(row["defaults"]),
+        max_new_tokens_cap=row["max_new_tokens_cap"], canary_adapter=ref("canary_name", "canary_version"),
+        canary_weight=float(row["canary_weight"]), created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+    )
+
+
+def _checked_metadata(metadata: Any) -> dict:
+    """The validation callback's result must be a JSON-serialisable dict naming a known kind."""
+    if not isinstance(metadata, dict):
+        raise TypeError(f"the validate callback must return a dict, got {type(metadata).__name__}")
+    if metadata.get("kind") not in KINDS:
+        raise TypeError(
+            f"the validate callback must return metadata with 'kind' in {KINDS}, got {metadata.get('kind')!r}"
+        )
+    try:
+        return json.loads(json.dumps(metadata))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the validate callback returned metadata that is not JSON-serialisable: {exc}") from None

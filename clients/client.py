@@ -1,0 +1,459 @@
+"""Synchronous Python client for a loraplex server (gRPC).
+
+This module imports only grpcio and protobuf, so `loraplex complete` starts fast. The
+request builders and response converters here are shared with the asyncio client (aio.py).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+__all__ = ["Client", "Completion", "LoraplexError", "ServedBy", "StreamEvent"]
+
+FINISH_REASONS = {
+    inference_pb2.FINISH_REASON_LENGTH: "length",
+    inference_pb2.FINISH_REASON_STOP: "stop",
+    inference_pb2.FINISH_REASON_EOS: "eos",
+}
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+
+
+class LoraplexError(Exception):
+    """A call the server refused or could not complete.
+
+    `code` is the gRPC status name ("NOT_FOUND", "INVALID_ARGUMENT", "UNAVAILABLE", ...) and
+    `message` the server's own explanation.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError) -> LoraplexError:
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else None
+        return cls(code.name if code is not None else "UNKNOWN", details or str(error))
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """Which versions served a request ("name@version"; "" for none)."""
+
+    endpoint: str = ""
+    adapter: str = ""
+    soft_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "length" | "stop" | "eos"
+    prompt_tokens: int
+    completion_tokens: int
+    request_id: str
+    endpoint: str = ""
+    adapter: str = ""  # served "name@version", "" for none
+    soft_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One message of a stream: a delta (text, token_ids) or, last, the end (finish_reason, usage)."""
+
+    request_id: str
+    served_by: ServedBy
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # set on the final event only
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.finish_reason is not None
+
+
+# --- request builders -----------------------------------------------------------------------
+
+def sampling_parameters(**values: Any) -> inference_pb2.SamplingParameters:
+    """SamplingParameters with only the given (non-None) fields present.
+
+    Presence matters: an absent field takes the endpoint's, then the server's default, while
+    temperature=0.0 explicitly asks for greedy decoding.
+    """
+    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
+    params = inference_pb2.SamplingParameters()
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "stop":
+            params.stop.extend([value] if isinstance(value, str) else value)
+        else:
+            setattr(params, name, value)
+    return params
+
+
+def generate_request(
+    prompt: str | None,
+    messages: Sequence[dict] | None,
+    *,
+    endpoint: str | None,
+    adapter: str | None,
+    soft_prompt: str | None,
+    request_id: str | None,
+    **sampling: Any,
+) -> inference_pb2.GenerateRequest:
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt or messages")
+    request = inference_pb2.GenerateRequest(
+        endpoint=endpoint or "", adapter=adapter or "", soft_prompt=soft_prompt or "",
+        request_id=request_id or "", sampling=sampling_parameters(**sampling),
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        request.chat.messages.extend(
+            inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages
+        )
+    return request
+
+
+def endpoint_message(
+    name: str,
+    *,
+    adapter: str | None = None,
+    soft_prompt: str | None = None,
+    template: str = "",
+    system_message: str = "",
+    defaults: dict | None = None,
+    max_new_tokens_cap: int | None = None,
+    canary: tuple[str, float] | None = None,
+) -> admin_pb2.Endpoint:
+    """An Endpoint message. `defaults` takes SamplingParameters fields in their JSON form
+    (e.g. `{"temperature": 0.2, "stop": ["\\n"]}`), as `get_endpoint` returns them."""
+    endpoint = admin_pb2.Endpoint(
+        name=name, adapter=adapter or "", soft_prompt=soft_prompt or "",
+        template=template or "", system_message=system_message or "",
+    )
+    if defaults:
+        try:
+            json_format.ParseDict(defaults, endpoint.defaults)
+        except json_format.ParseError as exc:
+            raise ValueError(f"bad endpoint defaults: {exc}") from None
+    if max_new_tokens_cap is not None:
+        endpoint.max_new_tokens_cap = max_new_tokens_cap
+    if canary is not None:
+        endpoint.canary.adapter, endpoint.canary.weight = canary
+    return endpoint
+
+
+def adapter_files(local_dir: str | os.PathLike) -> list[Path]:
+    """The files to upload, checked before anything is sent: the server stores a flat
+    directory, so a subdirectory or symlink is refused here rather than half-uploaded."""
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise ValueError(f"adapter directory {str(root)!r} does not exist or is not a directory")
+    files = []
+    for entry in sorted(root.iterdir()):
+        if entry.is_symlink():
+            raise ValueError(f"{str(entry)!r} is a symlink; adapter uploads take regular files only")
+        if entry.is_dir():
+            raise ValueError(f"{str(entry)!r} is a subdirectory; adapter uploads take a flat directory")
+        if not entry.is_file():
+            raise ValueError(f"{str(entry)!r} is not a regular file")
+        files.append(entry)
+    if not files:
+        raise ValueError(f"adapter directory {str(root)!r} is empty")
+    return files
+
+
+def upload_requests(name: str, local_dir: str | os.PathLike, chunk_size: int) -> Iterator[admin_pb2.UploadAdapterRequest]:
+    """The upload's messages: the name first, then each file as chunks (an empty file still
+    sends one, empty, chunk). The directory is checked now; files are read as gRPC sends."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    files = adapter_files(local_dir)
+
+    def messages() -> Iterator[admin_pb2.UploadAdapterRequest]:
+        yield admin_pb2.UploadAdapterRequest(name=name)
+        for path in files:
+            with open(path, "rb") as f:
+                data = f.read(chunk_size)
+                yield admin_pb2.UploadAdapterRequest(chunk=admin_pb2.FileChunk(path=path.name, data=data))
+                while data := f.read(chunk_size):
+                    yield admin_pb2.UploadAdapterRequest(chunk=admin_pb2.FileChunk(path=path.name, data=data))
+
+    return messages()
+
+
+# --- response converters --------------------------------------------------------------------
+
+def to_dict(message: Message) -> dict:
+    """A message as a JSON-ready dict (proto field names; fields without presence always shown)."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def served_by(message: inference_pb2.ServedBy) -> ServedBy:
+    return ServedBy(endpoint=message.endpoint, adapter=message.adapter, soft_prompt=message.soft_prompt)
+
+
+def finish_reason(value: int) -> str:
+    return FINISH_REASONS.get(value, "")
+
+
+def completion(response: inference_pb2.GenerateResponse) -> Completion:
+    return Completion(
+        text=response.text, token_ids=list(response.token_ids),
+        finish_reason=finish_reason(response.finish_reason),
+        prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
+        request_id=response.request_id, endpoint=response.served_by.endpoint,
+        adapter=response.served_by.adapter, soft_prompt=response.served_by.soft_prompt,
+    )
+
+
+def stream_event(response: inference_pb2.GenerateStreamResponse) -> StreamEvent:
+    common = dict(request_id=response.request_id, served_by=served_by(response.served_by))
+    if response.WhichOneof("event") == "end":
+        end = response.end
+        return StreamEvent(**common, finish_reason=finish_reason(end.finish_reason),
+                           prompt_tokens=end.usage.prompt_tokens, completion_tokens=end.usage.completion_tokens)
+    return StreamEvent(**common, text=response.delta.text, token_ids=list(response.delta.token_ids))
+
+
+# --- channels -------------------------------------------------------------------------------
+
+def _read(path: str | os.PathLike) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS file is given (cert and key together for mutual TLS), else None."""
+    if tls_cert is None and tls_key is None and tls_ca is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls_ca) if tls_ca else None,
+        private_key=_read(tls_key) if tls_key else None,
+        certificate_chain=_read(tls_cert) if tls_cert else None,
+    )
+
+
+def auth_metadata(api_key: str | None, admin_token: str | None) -> tuple[tuple, tuple]:
+    """(inference metadata, admin metadata)."""
+    inference = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    admin = (("x-admin-token", admin_token),) if admin_token else ()
+    return inference, admin
+
+
+class Client:
+    """A connection to one loraplex server; use as a context manager or call `close()`.
+
+    Every method raises `LoraplexError` when the server refuses the call, and `ValueError` for
+    arguments refused before anything is sent.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        admin_token: str | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        timeout: float | None = None,
+    ):
+        credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.secure_channel(target, credentials) if credentials
+                         else grpc.insecure_channel(target))
+        self._inference = inference_pb2_grpc.InferenceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._inference_md, self._admin_md = auth_metadata(api_key, admin_token)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- inference ---
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        endpoint: str | None = None,
+        adapter: str | None = None,
+        soft_prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Generate a whole answer. Sampling arguments left as None take the endpoint's, then
+        the server's defaults."""
+        request = generate_request(
+            prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop=stop, ignore_eos=ignore_eos,
+        )
+        return completion(self._call(self._inference.Generate, request, self._inference_md, timeout))
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        endpoint: str | None = None,
+        adapter: str | None = None,
+        soft_prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        ignore_eos: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Generate as a stream of events: deltas, then one final event (`is_final`).
+
+        Arguments are checked at once; the call starts on the first `next()`. Leaving the loop
+        early (or closing the iterator) cancels the request on the server.
+        """
+        request = generate_request(
+            prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop=stop, ignore_eos=ignore_eos,
+        )
+        return self._stream(request, timeout)
+
+    def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None) -> Iterator[StreamEvent]:
+        call = self._inference.GenerateStream(request, metadata=self._inference_md, timeout=self._timeout(timeout))
+        try:
+            for response in call:
+                yield stream_event(response)
+        except grpc.RpcError as exc:
+            raise LoraplexError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    # --- adapters ---
+
+    def register_adapter(self, name: str, path: str) -> dict:
+        """Register the adapter directory at `path` on the server's filesystem."""
+        return self._admin_call("RegisterAdapter", admin_pb2.RegisterAdapterRequest(name=name, path=path))
+
+    def upload_adapter(self, name: str, local_dir: str | os.PathLike, chunk_size: int = 1 << 20) -> dict:
+        """Upload every file of the flat local directory `local_dir` and register it as `name`."""
+        requests = upload_requests(name, local_dir, chunk_size)
+        return to_dict(self._call(self._admin.UploadAdapter, requests, self._admin_md, None))
+
+    def get_adapter(self, ref: str) -> dict:
+        """"name" (its latest version) or "name@version"."""
+        return self._admin_call("GetAdapter", admin_pb2.AdapterRef(name=ref))
+
+    def list_adapters(self) -> list[dict]:
+        return self._admin_call("ListAdapters", admin_pb2.ListAdaptersRequest()).get("adapters", [])
+
+    def delete_adapter(self, ref: str) -> list[dict]:
+        """Delete "name@version", or every version of "name"; returns what was deleted."""
+        return self._admin_call("DeleteAdapter", admin_pb2.AdapterRef(name=ref)).get("deleted", [])
+
+    def pin(self, ref: str) -> dict:
+        return self._admin_call("PinAdapter", admin_pb2.AdapterRef(name=ref))
+
+    def unpin(self, ref: str) -> dict:
+        return self._admin_call("UnpinAdapter", admin_pb2.AdapterRef(name=ref))
+
+    # --- endpoints ---
+
+    def create_endpoint(
+        self,
+        name: str,
+        *,
+        adapter: str | None = None,
+        soft_prompt: str | None = None,
+        template: str = "",
+        system_message: str = "",
+        defaults: dict | None = None,
+        max_new_tokens_cap: int | None = None,
+        canary: tuple[str, float] | None = None,
+    ) -> dict:
+        return self._admin_call("CreateEndpoint", endpoint_message(
+            name, adapter=adapter, soft_prompt=soft_prompt, template=template, system_message=system_message,
+            defaults=defaults, max_new_tokens_cap=max_new_tokens_cap, canary=canary,
+        ))
+
+    def update_endpoint(
+        self,
+        name: str,
+        *,
+        adapter: str | None = None,
+        soft_prompt: str | None = None,
+        template: str = "",
+        system_message: str = "",
+        defaults: dict | None = None,
+        max_new_tokens_cap: int | None = None,
+        canary: tuple[str, float] | None = None,
+    ) -> dict:
+        """Send the endpoint's new definition, whole: fields left out are sent empty."""
+        return self._admin_call("UpdateEndpoint", endpoint_message(
+            name, adapter=adapter, soft_prompt=soft_prompt, template=template, system_message=system_message,
+            defaults=defaults, max_new_tokens_cap=max_new_tokens_cap, canary=canary,
+        ))
+
+    def get_endpoint(self, name: str) -> dict:
+        return self._admin_call("GetEndpoint", admin_pb2.EndpointRef(name=name))
+
+    def list_endpoints(self) -> list[dict]:
+        return self._admin_call("ListEndpoints", admin_pb2.ListEndpointsRequest()).get("endpoints", [])
+
+    def delete_endpoint(self, name: str) -> None:
+        self._admin_call("DeleteEndpoint", admin_pb2.EndpointRef(name=name))
+
+    def server_info(self) -> dict:
+        return self._admin_call("GetServerInfo", admin_pb2.Empty())
+
+    # --- plumbing ---
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _call(self, method: Any, request: Any, metadata: tuple, timeout: float | None) -> Any:
+        try:
+            return method(request, metadata=metadata, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise LoraplexError.from_rpc_error(exc) from None
+
+    def _admin_call(self, rpc: str, request: Message) -> dict:
+        return to_dict(self._call(getattr(self._admin, rpc), request, self._admin_md, None))

@@ -1,0 +1,68 @@
+"""Token checks for the gRPC port: an API key for inference, an admin token for the Admin API.
+
+Clients send `authorization: Bearer <token>` (or `x-api-key` / `x-admin-token`). Health and
+reflection stay open so probes work without secrets.
+"""
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+INFERENCE_PREFIX = "/loraplex.v1.Inference/"
+ADMIN_PREFIX = "/loraplex.v1.Admin/"
+
+
+def read_token_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+def _presented(metadata, header: str) -> list[str]:
+    tokens = []
+    for key, value in metadata or ():
+        if key == "authorization" and value.lower().startswith("bearer "):
+            tokens.append(value[7:].strip())
+        elif key == header:
+            tokens.append(value.strip())
+    return tokens
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str | None, admin_token: str | None) -> None:
+        self.rules = [(INFERENCE_PREFIX, "x-api-key", api_key, "an API key"),
+                      (ADMIN_PREFIX, "x-admin-token", admin_token, "the admin token")]
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        for prefix, header, secret, what in self.rules:
+            if secret and details.method.startswith(prefix):
+                presented = _presented(details.invocation_metadata, header)
+                if not any(hmac.compare_digest(t.encode(), secret.encode()) for t in presented):
+                    return _refusal(handler, f"{details.method} needs {what} (authorization: Bearer ...)")
+        return handler
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def deny(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # an async generator, as streaming handlers are
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    behaviour = deny_stream if handler.response_streaming else deny
+    return make(behaviour, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)

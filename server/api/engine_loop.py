@@ -1,0 +1,158 @@
+"""The engine's own thread: it alone touches the engine, stepping while there is work.
+
+Fronts (gRPC, later HTTP) run on an asyncio loop. They hand requests over with `submit`, get
+each request's outputs on an asyncio queue, and run anything else that touches the engine
+(registering adapters, pinning) through `call`, which executes between two steps.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.sequence import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests are waiting than --max-queue allows."""
+
+
+@dataclass
+class Submission:
+    request: Request
+    outputs: asyncio.Queue  # RequestOutput items; the last one has finished=True
+    loop: asyncio.AbstractEventLoop
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, max_queue: int, on_step: Callable[["EngineLoop", float, int], None] | None = None) -> None:
+        """on_step(loop, step_seconds, batch_size) runs on the engine thread after each step (metrics)."""
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_step = on_step
+        self._commands: queue.Queue = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._live: dict[str, Submission] = {}
+        self._pending = 0  # submitted, not yet handed to the engine
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+
+    # called from the fronts -------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def num_waiting(self) -> int:
+        return self._pending + len(self.engine.scheduler.waiting)
+
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def submit(self, request: Request) -> asyncio.Queue:
+        """Queue a request; its outputs arrive on the returned queue. Raises QueueFull at once."""
+        with self._lock:
+            if self.num_waiting() >= self.max_queue:
+                raise QueueFull(f"{self.num_waiting()} requests are already waiting (--max-queue {self.max_queue})")
+            self._pending += 1
+        sub = Submission(request, asyncio.Queue(), asyncio.get_running_loop())
+        self._commands.put(("submit", sub))
+        self._wake.set()
+        return sub.outputs
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def call(self, fn: Callable[[Engine], Any]) -> "asyncio.Future[Any]":
+        """Run fn(engine) on the engine thread between steps; await the result."""
+        future: Future = Future()
+        self._commands.put(("call", (fn, future)))
+        self._wake.set()
+        return asyncio.wrap_future(future)
+
+    # the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self._step()
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._admit(arg)
+            elif kind == "abort":
+                if self._live.pop(arg, None) is not None:
+                    self.engine.abort(arg)
+            else:
+                fn, future = arg
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(self.engine))
+                    except BaseException as exc:  # handed to the awaiting front
+                        future.set_exception(exc)
+
+    def _admit(self, sub: Submission) -> None:
+        with self._lock:
+            self._pending -= 1
+        try:
+            request_id = self.engine.add_request(sub.request)
+        except Exception as exc:  # refused as given: the front reports it
+            self._deliver(sub, exc)
+            return
+        self._live[request_id] = sub
+
+    def _step(self) -> None:
+        start = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # an engine bug must not take the server down
+            log.exception("engine step failed")
+            self._fail_running(exc)
+            return
+        if self.on_step is not None:
+            self.on_step(self, time.monotonic() - start, len(outputs))
+        for out in outputs:
+            sub = self._live.get(out.request_id)
+            if sub is None:
+                continue
+            if out.finished:
+                del self._live[out.request_id]
+            self._deliver(sub, out)
+
+    def _fail_running(self, exc: Exception) -> None:
+        for seq in list(self.engine.scheduler.running):
+            self.engine.abort(seq.request_id)
+            sub = self._live.pop(seq.request_id, None)
+            if sub is not None:
+                self._deliver(sub, RequestOutput(seq.request_id, finished=True, finish_reason="error",
+                                                 error=f"engine failure: {type(exc).__name__}: {exc}"))
+
+    @staticmethod
+    def _deliver(sub: Submission, item: RequestOutput | Exception) -> None:
+        try:
+            sub.loop.call_soon_threadsafe(sub.outputs.put_nowait, item)
+        except RuntimeError:  # the front's loop is gone (shutdown)
+            pass

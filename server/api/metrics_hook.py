@@ -1,0 +1,35 @@
+"""Turns the engine's state after each step into metric values (runs on the engine thread)."""
+from __future__ import annotations
+
+from .metrics import Metrics
+
+
+class MetricsHook:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._seen = {"loads": 0, "evictions": 0, "hits": 0, "misses": 0, "load_failures": 0}
+
+    def __call__(self, loop, step_seconds: float, num_outputs: int) -> None:
+        m = self.metrics
+        engine = loop.engine
+        scheduler = engine.scheduler
+        slots = engine.slots
+        m.step_seconds.observe(step_seconds)
+        m.batch_size.observe(num_outputs)
+        m.queue_depth.set(loop.num_waiting())
+        m.running.set(len(scheduler.running))
+        blocks = engine.blocks
+        m.kv_usage.set(1.0 - blocks.num_free / blocks.num_blocks)
+        counters = {"loads": m.adapter_loads, "evictions": m.adapter_evictions, "hits": m.adapter_hits,
+                    "misses": m.adapter_misses, "load_failures": m.adapter_load_failures}
+        for name, counter in counters.items():
+            value = getattr(slots, name)
+            if value > self._seen[name]:
+                counter.inc(value - self._seen[name])
+            self._seen[name] = value
+        while slots.load_seconds:
+            m.adapter_load_seconds.observe(slots.load_seconds.pop())
+        m.resident.set(len(slots.resident()))
+        running = {s.adapter for s in scheduler.running if s.adapter}
+        waiting = {s.adapter for s in scheduler.waiting if s.adapter}
+        m.set_lora_info(sorted(running), sorted(waiting - running), slots.max_loras)

@@ -1,0 +1,168 @@
+"""`loraplex serve`: the gRPC server (Inference, Admin, health, reflection) and /metrics.
+
+On start it loads the base model, re-registers every adapter in the store, starts the engine
+thread, then serves. On SIGTERM (or SIGINT) health turns NOT_SERVING, new requests are refused
+with UNAVAILABLE, running ones finish within --shutdown-grace seconds, and the process exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("loraplex.serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loraplex.server.engine.cli_args import add_engine_args
+
+    p = argparse.ArgumentParser(prog="loraplex serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one, printed at start)")
+    g.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0: pick one)")
+    g.add_argument("--store", default=os.environ.get("LORAPLEX_STORE", str(Path.home() / ".local/share/loraplex/store")),
+                   help="registry directory (SQLite metadata and content-addressed blobs)")
+    g.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which calls get RESOURCE_EXHAUSTED")
+    g.add_argument("--admin-token-file", help="require this token (authorization: Bearer ...) on the Admin API")
+    g.add_argument("--api-key-file", help="require this key (authorization: Bearer ...) on the Inference API")
+    g.add_argument("--tls-cert", help="serve TLS with this certificate chain (PEM)")
+    g.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    g.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    g.add_argument("--default-max-new-tokens", type=int, default=256, help="when neither request nor endpoint says")
+    g.add_argument("--max-new-tokens-limit", type=int, default=4096, help="the most any request may ask for")
+    g.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest gRPC message accepted")
+    g.add_argument("--max-adapter-bytes", type=int, default=4 << 30, help="largest adapter accepted")
+    g.add_argument("--max-endpoint-labels", type=int, default=100, help="distinct endpoint label values in metrics")
+    g.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get after SIGTERM")
+    g.add_argument("--log-level", default="INFO")
+    add_engine_args(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    from .auth import read_token_file
+
+    try:
+        api_key = read_token_file(args.api_key_file)
+        admin_token = read_token_file(args.admin_token_file)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve(args, api_key, admin_token))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str | None) -> int:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from loraplex.adapters_store.store import AdapterStore
+    from loraplex.server.engine.cli_args import engine_config
+    from loraplex.server.engine.engine import Engine
+    from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+
+    from .admin_service import AdminService
+    from .auth import AuthInterceptor
+    from .engine_loop import EngineLoop
+    from .generate_request import ServerDefaults
+    from .inference_service import InferenceService
+    from .metrics import Metrics
+    from .metrics_hook import MetricsHook
+    from .server_state import ServerState
+
+    try:
+        engine = await asyncio.to_thread(Engine, engine_config(args))
+        store = AdapterStore(args.store, max_adapter_bytes=args.max_adapter_bytes)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _restore_adapters(engine, store)
+    metrics = Metrics(args.max_endpoint_labels)
+    metrics.registered.set(len(store.list()))
+    hook = MetricsHook(metrics)
+    engine_loop = EngineLoop(engine, args.max_queue, on_step=hook)
+    state = ServerState(engine_loop, store, metrics,
+                        ServerDefaults(args.default_max_new_tokens, args.max_new_tokens_limit),
+                        model_name=str(args.model or engine.model_path))
+
+    options = [("grpc.max_receive_message_length", args.max_message_bytes),
+               ("grpc.max_send_message_length", args.max_message_bytes)]
+    server = grpc.aio.server(interceptors=[AuthInterceptor(api_key, admin_token)], options=options)
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, args.max_adapter_bytes), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+                admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
+    address = f"{args.host}:{args.port}"
+    if args.tls_cert:
+        port = server.add_secure_port(address, _tls(args))
+    else:
+        port = server.add_insecure_port(address)
+    metrics_port = metrics.serve(args.host, args.metrics_port)
+    engine_loop.start()
+    await server.start()
+    for service in ("",) + services[:2]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})",
+          flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: refusing new requests, finishing %d running", engine_loop.num_live())
+    state.draining = True
+    await health_servicer.enter_graceful_shutdown()
+    deadline = loop.time() + args.shutdown_grace
+    while engine_loop.num_live() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await server.stop(grace=1.0)
+    engine_loop.stop()
+    store.close()
+    return 0
+
+
+def _restore_adapters(engine, store) -> None:
+    """Register every stored adapter version with the engine (a version that no longer validates
+    against this base model is skipped with a warning, not fatal)."""
+    from loraplex.server.engine.adapters import AdapterError
+
+    for record in store.list():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                engine.register_adapter(record.ref, str(record.blob_dir))
+        except (AdapterError, OSError) as exc:
+            log.warning("stored adapter %s is not servable on this model: %s", record.ref, exc)
+
+
+def _tls(args: argparse.Namespace):
+    import grpc
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    client_ca = read(args.tls_client_ca) if args.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(args.tls_key), read(args.tls_cert))], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)

@@ -1,0 +1,20 @@
+"""What the gRPC services share: the engine loop, the registry, metrics, limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loraplex.adapters_store.store import AdapterStore
+
+from .engine_loop import EngineLoop
+from .generate_request import ServerDefaults
+from .metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    engine_loop: EngineLoop
+    store: AdapterStore
+    metrics: Metrics
+    defaults: ServerDefaults
+    model_name: str
+    draining: bool = False  # SIGTERM received: refuse new requests, finish the running ones
