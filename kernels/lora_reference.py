@@ -1,4 +1,7 @@
-"""The naive reference for the LoRA ops: a plain loop over tokens. The test oracle; never optimised."""
+"""The naive reference for the LoRA ops: a plain loop over tokens. The test oracle; never optimised.
+
+Pools hold adapters in PEFT's layout: A in `a_pool` [S, r, in], scale * B in `b_pool` [S, out, r].
+"""
 from __future__ import annotations
 
 import torch
@@ -15,8 +18,7 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> t
     rows = _served_rows(groups)
     out = torch.zeros(groups.num_rows, a_pool.shape[1], dtype=torch.float32)
     for i, row in enumerate(rows):
-        a = a_pool[int(groups.row_slots[i])].float()
-        out[i] = a @ x[row].float()
+        out[i] = a_pool[int(groups.row_slots[i])].float() @ x[row].float()
     return out.to(x.dtype)
 
 
@@ -28,8 +30,7 @@ def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: 
     """
     rows = _served_rows(groups)
     for i, row in enumerate(rows):
-        b = b_pool[int(groups.row_slots[i])].float()
-        y[row] += (b @ xa[i].float()).to(y.dtype)
+        y[row] += (b_pool[int(groups.row_slots[i])].float() @ xa[i].float()).to(y.dtype)
 
 
 def _served_rows(groups: TokenGroups) -> list[int]:

@@ -111,7 +111,7 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
     attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
     mlp = ["gate_proj", "up_proj", "down_proj"]
     return {
-        "attn4": build_lora(tiny_model, root / "attn4", attn, r=4, alpha=8, seed=1),
+        "attn4": build_lora(tiny_model, root / "attn4", attn, r=4, alpha=8, seed=1, scale=0.2),
         "mlp8": build_lora(tiny_model, root / "mlp8", mlp, r=8, alpha=16, seed=2),
         "all16": build_lora(tiny_model, root / "all16", attn + mlp, r=16, alpha=16, seed=3, scale=0.15),
         "rs2": build_lora(tiny_model, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=4, use_rslora=True),

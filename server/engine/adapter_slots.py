@@ -63,6 +63,7 @@ class AdapterSlots:
         self.misses = 0  # acquisitions that had to load it
         self.load_failures = 0
         self.load_seconds: list[float] = []  # per load, drained by whoever reports metrics
+        self.version = 0  # changes whenever pool contents or slot entries change
 
     # registration -----------------------------------------------------------------------
     def register(self, name: str, path: str | os.PathLike) -> Registered:
@@ -174,6 +175,7 @@ class AdapterSlots:
             self._slot_of.pop(name, None)
         self._name_in[slot] = None
         self.evictions += 1
+        self.version += 1
 
     def _host_copy(self, name: str) -> LoraAdapter:
         adapter = self._host.get(name)
@@ -188,6 +190,7 @@ class AdapterSlots:
 
     def _load(self, name: str, slot: int) -> None:
         adapter = self._host_copy(name)
+        self.version += 1
         try:
             self._write(adapter, slot)
         except Exception:

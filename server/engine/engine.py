@@ -71,7 +71,8 @@ class Engine:
             self.dtype, self.device,
         )
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens)
-        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype,
+                                  gather_cache_bytes=config.gather_cache_mb << 20)
         self.sampler = Sampler()
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -194,7 +195,7 @@ class Engine:
         outputs = [self._failure(seq, error) for seq, error in failed]
         if not seqs:
             return outputs
-        logits = self.runner.run(seqs, is_prefill)
+        logits, seqs = self.runner.run(seqs, is_prefill)
         next_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for seq, token in zip(seqs, next_ids):
             outputs.append(self._advance(seq, token))
@@ -254,7 +255,7 @@ class Engine:
                         raise RequestError("more distinct adapters than --max-loras slots in one batch")
                     seq.slot = slot
                 self.blocks.allocate(seq.block_table, seq.num_tokens)
-            logits = self.runner.run(seqs, is_prefill=True, all_logits=True)
+            logits = self.runner.run_all_positions(seqs)
         finally:
             for seq in seqs:
                 self.scheduler.finish(seq)

@@ -25,7 +25,7 @@ class LoraLinear(nn.Module):
         for name, out in slices:
             self.slices[name] = (col, out)
             col += out
-        # projection -> rank -> (A pool [cap, r, in], B pool [cap, out, r], B already scaled)
+        # projection -> rank -> (A pool [cap, r, in], scale * B pool [cap, out, r]), PEFT's layout
         self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.slices}
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType) -> torch.Tensor:

@@ -19,8 +19,10 @@ from .sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: CausalLM, blocks: BlockManager, slots: AdapterSlots, ops: ModuleType,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, gather_cache_bytes: int = 0) -> None:
         self.model = model
+        self.gather_cache_bytes = gather_cache_bytes
+        self._decode_lora: tuple[tuple, LoraBatch | None] | None = None  # (layout key, batch) of the last decode
         self.blocks = blocks
         self.slots = slots
         self.ops = ops
@@ -33,22 +35,20 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool, all_logits: bool = False) -> torch.Tensor:
-        """-> logits [len(seqs), vocab] for each sequence's last position (float32), in `seqs` order;
-        with all_logits (prefill only), [sum of positions, vocab] for every position, sequence by sequence."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].slot)
-        ordered = [seqs[i] for i in order]
-        batch = self._prefill_batch(ordered, all_logits) if is_prefill else self._decode_batch(ordered)
-        logits = self.model(batch, self.kv_cache, self.ops)
-        if all_logits:
-            per_seq = logits.split([s.num_tokens for s in ordered])
-            back = [None] * len(seqs)
-            for pos, i in enumerate(order):
-                back[i] = per_seq[pos]
-            return torch.cat(back)
-        result = torch.empty_like(logits)
-        result[torch.tensor(order, device=logits.device)] = logits
-        return result
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, list[Sequence]]:
+        """-> (logits [len(seqs), vocab] float32 of each sequence's last position, the sequences in
+        the order of those rows: sorted by adapter slot)."""
+        ordered = sorted(seqs, key=lambda s: s.slot)
+        batch = self._prefill_batch(ordered, False) if is_prefill else self._decode_batch(ordered)
+        return self.model(batch, self.kv_cache, self.ops), ordered
+
+    @torch.inference_mode()
+    def run_all_positions(self, seqs: list[Sequence]) -> torch.Tensor:
+        """A prefill returning logits [sum of positions, vocab] for every position, in `seqs` order."""
+        ordered = sorted(seqs, key=lambda s: s.slot)
+        logits = self.model(self._prefill_batch(ordered, True), self.kv_cache, self.ops)
+        per_seq = dict(zip((id(s) for s in ordered), logits.split([s.num_tokens for s in ordered])))
+        return torch.cat([per_seq[id(s)] for s in seqs])
 
     def _slot_mapping(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
         table = torch.tensor(seq.block_table, dtype=torch.long)
@@ -94,6 +94,16 @@ class ModelRunner:
             attn=AttentionMetadata.for_decode(
                 [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, slot_mapping, dev
             ),
-            lora=LoraBatch.build([s.slot for s in seqs], [1] * len(seqs), self.slots.tables, dev),
+            lora=self._decode_lora_batch([s.slot for s in seqs]),
             logit_rows=torch.arange(len(seqs), device=dev),
         )
+
+    def _decode_lora_batch(self, seq_slots: list[int]) -> LoraBatch | None:
+        """The decode batch's LoRA grouping, reused (with its gathered weights) while neither the
+        batch's slots nor the adapters in them change."""
+        key = (tuple(seq_slots), self.slots.version)
+        if self._decode_lora is None or self._decode_lora[0] != key:
+            batch = LoraBatch.build(seq_slots, [1] * len(seq_slots), self.slots.tables, self.device,
+                                    self.gather_cache_bytes)
+            self._decode_lora = (key, batch)
+        return self._decode_lora[1]

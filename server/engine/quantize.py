@@ -84,6 +84,10 @@ def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, quantize: str, d
         layer.weight = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False, has_fp16_weights=False)
     if has_bias:
         layer.bias = nn.Parameter(bias, requires_grad=False)
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        # bitsandbytes' packed CPU kernel rounds activations to bfloat16, so a request's result
+        # would depend on which other requests share its batch: keep the float path.
+        layer.support_avx512bf16_for_cpu = False
     layer = layer.to(device)
     layer.out_features = out_features
     return layer

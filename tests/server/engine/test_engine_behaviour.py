@@ -214,10 +214,10 @@ def test_max_batch_tokens_splits_prefills(tiny_model, tiny_adapters, solo_cache)
     prefills: list[list[int]] = []
     run = engine.runner.run
 
-    def recording(seqs, is_prefill, all_logits=False):
+    def recording(seqs, is_prefill):
         if is_prefill:
             prefills.append([s.num_tokens for s in seqs])
-        return run(seqs, is_prefill, all_logits)
+        return run(seqs, is_prefill)
 
     engine.runner.run = recording
     long_prompt = Request(prompt_token_ids=PROMPTS[0] + PROMPTS[1], params=greedy(4), request_id="long")

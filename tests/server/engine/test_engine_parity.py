@@ -47,16 +47,18 @@ def _requests(prompts: list[list[int]], cases=CASES, steps: int = STEPS) -> list
     ]
 
 
-def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None, atol=ATOL, prompts=PROMPTS):
-    """Greedy tokens equal and teacher-forced logits within `atol` of PEFT, request by request."""
+def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None, atol=ATOL, prompts=PROMPTS,
+                  merge=True):
+    """Greedy tokens equal and teacher-forced logits within `atol` of PEFT, request by request
+    (`merge`: how the soft prompt + LoRA reference is built, see `load_reference`)."""
     requests = _requests(prompts)
     decode_logits: list[tuple[list, torch.Tensor]] = []  # (sequences, logits) per step
     run = engine.runner.run
 
-    def recording_run(seqs, is_prefill, all_logits=False):
-        out = run(seqs, is_prefill, all_logits)
-        decode_logits.append((list(seqs), out))
-        return out
+    def recording_run(seqs, is_prefill):
+        logits, ordered = run(seqs, is_prefill)
+        decode_logits.append((list(ordered), logits))
+        return logits, ordered
 
     engine.runner.run = recording_run
     try:
@@ -70,7 +72,7 @@ def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None,
     refs = []
     for req, result in zip(requests, results):
         model, soft_vectors = reference.load(
-            model_dir, adapters.get(req.adapter), adapters.get(req.soft_prompt), quantize)
+            model_dir, adapters.get(req.adapter), adapters.get(req.soft_prompt), quantize, merge)
         ref = reference.greedy(model, req.prompt_token_ids, STEPS, soft_vectors)
         refs.append(ref)
         n = reference.comparable(ref, atol)
@@ -80,8 +82,11 @@ def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None,
     # teacher forcing: the reference's sequences, all in one mixed prefill
     forced = [Request(prompt_token_ids=r.prompt_token_ids + ref.tokens, adapter=r.adapter, soft_prompt=r.soft_prompt)
               for r, ref in zip(requests, refs)]
-    for req, ref, got in zip(forced, refs, engine.prompt_logits(forced)):
+    base_logits = engine.prompt_logits([Request(prompt_token_ids=r.prompt_token_ids) for r in forced])
+    for req, ref, got, base in zip(forced, refs, engine.prompt_logits(forced), base_logits):
         torch.testing.assert_close(got, ref.logits, atol=atol, rtol=0, msg=lambda m: f"{req.adapter}/{req.soft_prompt}: {m}")
+        if req.adapter or req.soft_prompt:  # the adapters matter, so applying the wrong one would show
+            assert (got - base).abs().max() > 1.0, (req.adapter, req.soft_prompt)
 
     # the decode steps' logits, where the engine's tokens still follow the reference's
     for step, (seqs, logits) in enumerate(decode_logits):
@@ -127,4 +132,5 @@ def test_default_smollm2_matches_peft(tmp_path_factory, builders, reference):
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox",
              "List three colours: red,"]
     prompts = [engine.tokenizer(t)["input_ids"] for t in texts]
-    _check_parity(engine, model_dir, adapters, reference, prompts=prompts)
+    # soft prompt + LoRA: PEFT's LoRA model fed the soft vectors (merging alone costs ~7e-5 here)
+    _check_parity(engine, model_dir, adapters, reference, prompts=prompts, merge=False)
