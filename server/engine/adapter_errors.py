@@ -1,0 +1,34 @@
+"""The one error every adapter check raises, and the small value tests those checks share.
+
+:class:`AdapterError` is defined here only; :mod:`.adapters`, :mod:`.peft_config` and
+:mod:`.safetensors_header` all import it, so ``except AdapterError`` catches a refusal from any
+of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+__all__ = ["AdapterError", "is_int", "is_finite_number", "short"]
+
+
+class AdapterError(ValueError):
+    """A clear, user-actionable message; never a traceback from deep inside."""
+
+
+def is_int(value: Any) -> bool:
+    """True for a real ``int``; ``bool`` does not count."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for an ``int`` or ``float`` that is neither a ``bool`` nor infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """``value`` as it appears in an error message: JSON (strings repr'd), cut to ``limit`` characters."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
