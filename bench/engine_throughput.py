@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from .workload import ATTENTION, Timer, machine, make_adapters, prompts, write_json
 
 
-def run_loraplex(model_dir: Path, texts: list[str], adapters: list[Path] | None, new_tokens: int) -> tuple[float, list]:
+def run_loraplex(model_dir: Path, texts: list[str], adapters: list[Path] | None, new_tokens: int,
+                 repeats: int) -> tuple[float, list]:
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
     from loraplex.server.engine.sampler import SamplingParams
@@ -36,12 +39,15 @@ def run_loraplex(model_dir: Path, texts: list[str], adapters: list[Path] | None,
     warm = [Request(prompt=t, params=SamplingParams(max_new_tokens=2), adapter=(names[i] if names else None))
             for i, t in enumerate(texts)]
     engine.generate(warm)  # loads adapters into slots, warms allocators
-    requests = [Request(prompt=t, params=params, adapter=(names[i % len(names)] if names else None))
-                for i, t in enumerate(texts)]
-    with Timer() as t:
-        results = engine.generate(requests)
-    assert all(r.error is None and len(r.token_ids) == new_tokens for r in results)
-    return len(texts) * new_tokens / t.seconds, [r.token_ids for r in results]
+    rates = []
+    for _ in range(repeats):
+        requests = [Request(prompt=t, params=params, adapter=(names[i % len(names)] if names else None))
+                    for i, t in enumerate(texts)]
+        with Timer() as t:
+            results = engine.generate(requests)
+        assert all(r.error is None and len(r.token_ids) == new_tokens for r in results)
+        rates.append(len(texts) * new_tokens / t.seconds)
+    return statistics.median(rates), [r.token_ids for r in results]
 
 
 def _hf_inputs(tokenizer, texts: list[str]):
@@ -51,16 +57,19 @@ def _hf_inputs(tokenizer, texts: list[str]):
     return tokenizer(texts, return_tensors="pt", padding=True)
 
 
-def run_hf(model, tokenizer, texts: list[str], new_tokens: int, **generate_kwargs) -> tuple[float, list]:
+def run_hf(model, tokenizer, texts: list[str], new_tokens: int, repeats: int, **generate_kwargs) -> tuple[float, list]:
     inputs = _hf_inputs(tokenizer, texts)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
+    rates = []
     with torch.inference_mode():
         model.generate(**inputs, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
-        with Timer() as t:
-            out = model.generate(**inputs, **kwargs)
+        for _ in range(repeats):
+            with Timer() as t:
+                out = model.generate(**inputs, **kwargs)
+            rates.append(len(texts) * new_tokens / t.seconds)
     generated = out[:, inputs["input_ids"].shape[1]:]
-    return len(texts) * new_tokens / t.seconds, generated.tolist()
+    return statistics.median(rates), generated.tolist()
 
 
 def matmul_ceiling(model_dir: Path, batch: int, repeats: int = 5) -> float:
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default="bench/out", help="directory for adapters and results")
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per contender (the median is reported)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -128,11 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     eos = {tokenizer.eos_token_id}
 
     rows = {}
-    rows["loraplex base"], lp_base = run_loraplex(model_dir, texts, None, args.new_tokens)
-    rows[f"loraplex {args.adapters} adapters"], lp_lora = run_loraplex(model_dir, texts, adapters, args.new_tokens)
+    load_before = os.getloadavg()[0]
+    n, k = args.new_tokens, args.repeats
+    rows["loraplex base"], lp_base = run_loraplex(model_dir, texts, None, n, k)
+    rows[f"loraplex {args.adapters} adapters"], lp_lora = run_loraplex(model_dir, texts, adapters, n, k)
     gc.collect()
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rows["HF generate base"], hf_base = run_hf(hf, tokenizer, texts, args.new_tokens)
+    rows["HF generate base"], hf_base = run_hf(hf, tokenizer, texts, n, k)
     checks = {"loraplex base vs HF base (first 16 tokens)": agreement(lp_base, hf_base, eos)}
     if not args.skip_peft:
         peft_model = PeftModel.from_pretrained(hf, adapters[0], adapter_name="a0")
@@ -141,13 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
         peft_model.eval()
         names = [f"a{i % len(adapters)}" for i in range(len(texts))]
         rows[f"PEFT mixed batch, {args.adapters} adapters"], peft_out = run_hf(
-            peft_model, tokenizer, texts, args.new_tokens, adapter_names=names)
+            peft_model, tokenizer, texts, n, k, adapter_names=names)
         checks["loraplex adapters vs PEFT adapters (first 16 tokens)"] = agreement(lp_lora, peft_out, eos)
     rows[f"matmul ceiling (batch {args.requests})"] = matmul_ceiling(model_dir, args.requests)
 
     base = rows["loraplex base"]
     result = {
-        "machine": machine(),
+        "machine": {**machine(), "load_average_before": load_before, "load_average_after": os.getloadavg()[0]},
         "config": vars(args),
         "tokens_per_s": rows,
         "ratios": {

@@ -41,8 +41,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def engine(self) -> Engine:
         return self.state.engine_loop.engine
 
-    def validate(self, directory: Path) -> dict:
-        """The store's validation callback: the engine's checks, against the served model."""
+    def validator(self, shown: str):
+        """The store's validation callback: the engine's checks, against the served model. The store
+        validates its own staging copy; messages name what the operator sent (`shown`) instead."""
+
+        def validate(directory: Path) -> dict:
+            try:
+                return self._summary(directory)
+            except AdapterError as exc:
+                raise AdapterError(str(exc).replace(str(directory), shown)) from None
+
+        return validate
+
+    def _summary(self, directory: Path) -> dict:
         engine = self.engine
         summary = inspect_adapter(directory, engine.slots.base, engine.config.max_lora_rank)
         summary["base_model"] = read_adapter_config(directory).get("base_model_name_or_path") or ""
@@ -86,7 +97,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         path = Path(request.path)
         if not request.path or not path.is_dir():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no directory {request.path!r} on the server")
-        return await self._publish(context, self.state.store.publish_dir, request.name, path, self.validate)
+        return await self._publish(context, self.state.store.publish_dir, request.name, path,
+                                   self.validator(request.path))
 
     async def UploadAdapter(self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context) -> pb.AdapterInfo:
         first = await anext(aiter(request_iterator), None)
@@ -122,7 +134,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             finally:
                 for f in files.values():
                     f.close()
-            return await self._publish(context, self.state.store.publish, name, staged, self.validate)
+            return await self._publish(context, self.state.store.publish, name, staged,
+                                       self.validator(f"upload {name!r}"))
 
     async def GetAdapter(self, request: pb.AdapterRef, context) -> pb.AdapterInfo:
         return await self._info(await self._guard(context, self.state.store.get, request.name))

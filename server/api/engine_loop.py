@@ -35,11 +35,14 @@ class Submission:
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, max_queue: int, on_step: Callable[["EngineLoop", float, int], None] | None = None) -> None:
-        """on_step(loop, step_seconds, batch_size) runs on the engine thread after each step (metrics)."""
+    def __init__(self, engine: Engine, max_queue: int, on_step: Callable[["EngineLoop", float, int], None] | None = None,
+                 on_change: Callable[["EngineLoop"], None] | None = None) -> None:
+        """Both hooks run on the engine thread (metrics): on_step(loop, step_seconds, batch_size)
+        after each step, on_change(loop) after commands changed the engine without a step."""
         self.engine = engine
         self.max_queue = max_queue
         self.on_step = on_step
+        self.on_change = on_change
         self._commands: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -88,19 +91,23 @@ class EngineLoop:
     # the engine thread ------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_commands()
+            if self._drain_commands() and self.on_change is not None:
+                self.on_change(self)
             if not self.engine.has_unfinished():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             self._step()
 
-    def _drain_commands(self) -> None:
+    def _drain_commands(self) -> int:
+        """Run every queued command; returns how many there were."""
+        done = 0
         while True:
             try:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return done
+            done += 1
             if kind == "submit":
                 self._admit(arg)
             elif kind == "abort":
@@ -115,13 +122,16 @@ class EngineLoop:
                         future.set_exception(exc)
 
     def _admit(self, sub: Submission) -> None:
-        with self._lock:
-            self._pending -= 1
+        """Hand a submission to the engine. It stops counting as pending only once the engine's
+        queue holds it, so the --max-queue check never sees it in neither place."""
         try:
             request_id = self.engine.add_request(sub.request)
         except Exception as exc:  # refused as given: the front reports it
             self._deliver(sub, exc)
             return
+        finally:
+            with self._lock:
+                self._pending -= 1
         self._live[request_id] = sub
 
     def _step(self) -> None:
@@ -148,7 +158,8 @@ class EngineLoop:
             sub = self._live.pop(seq.request_id, None)
             if sub is not None:
                 self._deliver(sub, RequestOutput(seq.request_id, finished=True, finish_reason="error",
-                                                 error=f"engine failure: {type(exc).__name__}: {exc}"))
+                                                 error=f"engine failure: {type(exc).__name__}: {exc}",
+                                                 error_code="INTERNAL"))
 
     @staticmethod
     def _deliver(sub: Submission, item: RequestOutput | Exception) -> None:

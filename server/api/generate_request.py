@@ -144,7 +144,7 @@ def _version(store: AdapterStore, ref: str, kind: str) -> str:
 
 
 def _params(sampling: dict[str, Any], defaults: ServerDefaults, cap: int) -> SamplingParams:
-    max_new = sampling.get("max_new_tokens", defaults.max_new_tokens)
+    max_new = sampling.get("max_new_tokens", min(defaults.max_new_tokens, cap))
     if not isinstance(max_new, int) or max_new < 1:
         raise ApiError("INVALID_ARGUMENT", f"max_new_tokens must be at least 1, got {max_new}")
     if max_new > cap:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from loraplex.adapters_store.errors import StoreError
 from loraplex.server.engine.adapters import AdapterError
 from loraplex.server.engine.engine import RequestError
 from loraplex.server.engine.sequence import RequestOutput
@@ -15,6 +16,7 @@ from loraplex.v1 import inference_pb2_grpc
 
 from .engine_loop import EngineLoop, QueueFull
 from .generate_request import ApiError, GenerateCall, Resolved, resolve
+from .metrics import UNKNOWN_ENDPOINT
 from .server_state import ServerState
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
@@ -67,22 +69,41 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                      usage=pb.Usage(prompt_tokens=out.prompt_tokens,
                                                     completion_tokens=out.completion_tokens)))
 
+    def _known_endpoint(self, name: str) -> str | None:
+        """`name` if it is a registered endpoint (only those become metric labels)."""
+        if not name:
+            return None
+        try:
+            self.state.store.get_endpoint(name)
+        except StoreError:
+            return None
+        return name
+
     async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[tuple[Resolved, RequestOutput]]:
         """Resolve, submit and relay one request's outputs; every exit path records metrics and
         frees the request in the engine when the client goes away."""
         state = self.state
         arrival = time.monotonic()
-        endpoint = request.endpoint
+        endpoint = UNKNOWN_ENDPOINT if request.endpoint else ""  # a label only once the endpoint resolves
         status, first_token, prompt_tokens, generated = "ok", None, 0, 0
         request_id = None  # set while the engine holds the request
         try:
             if state.draining:
                 raise ApiError("UNAVAILABLE", "the server is shutting down")
-            resolved = resolve(call_from_proto(request), state.store, state.defaults)
+            try:
+                resolved = resolve(call_from_proto(request), state.store, state.defaults)
+            except ApiError:
+                endpoint = self._known_endpoint(request.endpoint) or endpoint
+                raise
+            endpoint = resolved.endpoint
             loop: EngineLoop = state.engine_loop
             try:
-                outputs = loop.submit(resolved.request)
+                engine_request = await asyncio.to_thread(loop.engine.encode, resolved.request)
+            except (RequestError, ValueError) as exc:
+                raise ApiError("INVALID_ARGUMENT", str(exc)) from None
+            try:
+                outputs = loop.submit(engine_request)
             except QueueFull as exc:
                 raise ApiError("RESOURCE_EXHAUSTED", str(exc)) from None
             request_id = resolved.request.request_id
@@ -97,7 +118,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 if item.finished:
                     request_id = None
                 if item.error is not None:
-                    raise ApiError("INTERNAL", item.error)
+                    raise ApiError(item.error_code or "INTERNAL", item.error)
                 if first_token is None and item.token_ids:
                     first_token = time.monotonic()
                 yield resolved, item

@@ -1,7 +1,8 @@
 """Prometheus metrics (prefix `loraplex_`, base units, `_total` counters), on their own port.
 
-Labels stay bounded: `endpoint` is an operator-created endpoint name ("none" for requests
-without one), and beyond `max_endpoint_labels` distinct endpoints the rest share "other".
+Labels stay bounded: `endpoint` is an operator-created endpoint name, "_none" for requests
+without one, "_unknown" for a name that is not an endpoint, and beyond `max_endpoint_labels`
+distinct endpoints the rest share "_other" (no endpoint name can start with "_").
 The one exception is `loraplex_lora_requests_info`, whose labels list the running and
 waiting adapters: that form is fixed by the adapter-affinity routers that read it (the
 Gateway API Inference Extension's model-server protocol, as vLLM exposes it).
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NO_ENDPOINT, UNKNOWN_ENDPOINT, OTHER_ENDPOINTS = "_none", "_unknown", "_other"
 
 
 class Metrics:
@@ -63,15 +65,18 @@ class Metrics:
         self._lora_labels: tuple[str, str, str] | None = None
 
     def endpoint_label(self, endpoint: str | None) -> str:
+        """The endpoint's name while label slots last, then "_other"; "_none" without one."""
         if not endpoint:
-            return "none"
+            return NO_ENDPOINT
+        if endpoint == UNKNOWN_ENDPOINT:
+            return endpoint
         with self._lock:
             if endpoint in self._endpoints:
                 return endpoint
             if len(self._endpoints) < self.max_endpoint_labels:
                 self._endpoints.add(endpoint)
                 return endpoint
-        return "other"
+        return OTHER_ENDPOINTS
 
     def record_finished(self, endpoint: str | None, status: str, arrival: float, first_token: float | None,
                         end: float, prompt_tokens: int, generated: int) -> None:

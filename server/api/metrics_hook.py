@@ -1,4 +1,4 @@
-"""Turns the engine's state after each step into metric values (runs on the engine thread)."""
+"""Turns the engine's state into metric values (runs on the engine thread)."""
 from __future__ import annotations
 
 from .metrics import Metrics
@@ -9,13 +9,18 @@ class MetricsHook:
         self.metrics = metrics
         self._seen = {"loads": 0, "evictions": 0, "hits": 0, "misses": 0, "load_failures": 0}
 
-    def __call__(self, loop, step_seconds: float, num_outputs: int) -> None:
+    def step(self, loop, step_seconds: float, num_outputs: int) -> None:
+        """After each engine step: its duration and size, then every gauge."""
+        self.metrics.step_seconds.observe(step_seconds)
+        self.metrics.batch_size.observe(num_outputs)
+        self.gauges(loop)
+
+    def gauges(self, loop) -> None:
+        """Queue, batch, KV and adapter state now (also after requests leave without a step)."""
         m = self.metrics
         engine = loop.engine
         scheduler = engine.scheduler
         slots = engine.slots
-        m.step_seconds.observe(step_seconds)
-        m.batch_size.observe(num_outputs)
         m.queue_depth.set(loop.num_waiting())
         m.running.set(len(scheduler.running))
         blocks = engine.blocks

@@ -95,7 +95,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     metrics = Metrics(args.max_endpoint_labels)
     metrics.registered.set(len(store.list()))
     hook = MetricsHook(metrics)
-    engine_loop = EngineLoop(engine, args.max_queue, on_step=hook)
+    engine_loop = EngineLoop(engine, args.max_queue, on_step=hook.step, on_change=hook.gauges)
     state = ServerState(engine_loop, store, metrics,
                         ServerDefaults(args.default_max_new_tokens, args.max_new_tokens_limit),
                         model_name=str(args.model or engine.model_path))

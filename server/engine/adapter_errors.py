@@ -11,11 +11,15 @@ import json
 import math
 from typing import Any
 
-__all__ = ["AdapterError", "is_int", "is_finite_number", "short"]
+__all__ = ["AdapterError", "SlotsExhausted", "is_int", "is_finite_number", "short"]
 
 
 class AdapterError(ValueError):
     """A clear, user-actionable message; never a traceback from deep inside."""
+
+
+class SlotsExhausted(AdapterError):
+    """No device slot can ever take another adapter (every slot is pinned)."""
 
 
 def is_int(value: Any) -> bool:

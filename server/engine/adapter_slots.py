@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .adapter_errors import SlotsExhausted
 from .adapters import AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter
 from .lora_batch import RankTable
 from .lora_layer import LoraLinear
@@ -159,7 +160,7 @@ class AdapterSlots:
                 return slot
         if not self._lru:
             if not any(self._refs):
-                raise AdapterError(f"all {self.max_loras} adapter slots are pinned; unpin one or raise --max-loras")
+                raise SlotsExhausted(f"all {self.max_loras} adapter slots are pinned; unpin one or raise --max-loras")
             return None
         slot = next(iter(self._lru))
         self._evict(slot)

@@ -149,6 +149,13 @@ class Engine:
         return Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
                         make_generator(request.params.seed), detok)
 
+    def encode(self, request: Request) -> Request:
+        """The request with its prompt or chat turned into token ids. Safe to call from another
+        thread (it only reads the tokenizer), so fronts tokenize off the engine's thread."""
+        if request.prompt_token_ids is not None:
+            return request
+        return dataclasses.replace(request, prompt=None, messages=None, prompt_token_ids=self._prompt_ids(request))
+
     def _prompt_ids(self, request: Request) -> list[int]:
         given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
         if sum(given) != 1:
@@ -192,7 +199,7 @@ class Engine:
     # stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         seqs, is_prefill, failed = self.scheduler.schedule()
-        outputs = [self._failure(seq, error) for seq, error in failed]
+        outputs = [self._failure(seq, error, code) for seq, error, code in failed]
         if not seqs:
             return outputs
         logits, seqs = self.runner.run(seqs, is_prefill)
@@ -201,9 +208,9 @@ class Engine:
             outputs.append(self._advance(seq, token))
         return outputs
 
-    def _failure(self, seq: Sequence, error: str) -> RequestOutput:
+    def _failure(self, seq: Sequence, error: str, code: str) -> RequestOutput:
         self._seqs.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, finished=True, finish_reason="error", error=error,
+        return RequestOutput(seq.request_id, finished=True, finish_reason="error", error=error, error_code=code,
                              prompt_tokens=len(seq.prompt_ids))
 
     def _advance(self, seq: Sequence, token: int) -> RequestOutput:

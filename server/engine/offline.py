@@ -15,8 +15,8 @@ import warnings
 from .cli_args import add_engine_args, engine_config, name_and_path
 
 REQUEST_FIELDS = {"prompt", "messages", "adapter", "soft_prompt", "max_new_tokens", "temperature", "top_p",
-                  "top_k", "seed", "stop"}
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+                  "top_k", "seed", "stop", "ignore_eos"}
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
 def build_parser() -> argparse.ArgumentParser:

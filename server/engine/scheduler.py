@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 
 from .adapter_slots import AdapterSlots
+from .adapter_errors import SlotsExhausted
 from .adapters import AdapterError
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
@@ -33,15 +34,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, str]]]:
-        """-> (sequences to run, whether it is a prefill, sequences that failed with their error)."""
-        failed: list[tuple[Sequence, str]] = []
+    def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, str, str]]]:
+        """-> (sequences to run, whether it is a prefill, failed sequences as (seq, message, code))
+        where code is a status name: RESOURCE_EXHAUSTED or INTERNAL."""
+        failed: list[tuple[Sequence, str, str]] = []
         admitted = self._admit(failed)
         if admitted:
             return admitted, True, failed
         return self._decode_batch(), False, failed
 
-    def _admit(self, failed: list[tuple[Sequence, str]]) -> list[Sequence]:
+    def _admit(self, failed: list[tuple[Sequence, str, str]]) -> list[Sequence]:
         """FIFO by memory; a sequence whose adapter waits for a free slot is passed over (it keeps
         its place) so requests for resident adapters and the base model are not held up."""
         batch: list[Sequence] = []
@@ -59,7 +61,8 @@ class Scheduler:
                     slot = self.slots.acquire(seq.adapter)
                 except (AdapterError, OSError) as exc:
                     seq.status = Status.FINISHED
-                    failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {exc}"))
+                    code = "RESOURCE_EXHAUSTED" if isinstance(exc, SlotsExhausted) else "INTERNAL"
+                    failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {exc}", code))
                     continue
                 if slot is None:
                     passed_over.append(seq)

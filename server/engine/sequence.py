@@ -37,6 +37,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "length" | "stop" | "eos" | "abort" | "error"
     error: str | None = None
+    error_code: str | None = None  # a status name for fronts: RESOURCE_EXHAUSTED, INTERNAL
     prompt_tokens: int = 0
     completion_tokens: int = 0
 

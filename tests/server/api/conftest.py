@@ -1,4 +1,15 @@
-"""A real `loraplex serve` process on the tiny model, and real gRPC clients to talk to it."""
+"""A real `loraplex serve` process on the tiny model, and real gRPC clients to talk to it.
+
+Fixtures:
+- `server_factory` (per test) and `module_server_factory` (per module): start(*extra_args,
+  store=None, name=..., model=None) -> ServerProcess, each on a store of its own unless `store`
+  names one (a restart passes the same one), on `tiny_model` unless `model` names another;
+  every server they started is stopped at teardown.
+- `long_model`: `tiny_model`'s weights with a 2048-token context, for streams that must still
+  be running while a test acts (a signal, a deadline).
+- `api`: small helpers shared by the test modules (scrape and parse /metrics, health checks,
+  polling), as a namespace because test modules cannot import this file.
+"""
 from __future__ import annotations
 
 import os
@@ -7,8 +18,10 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -48,6 +61,7 @@ def start_server(model: Path, store: Path, log: Path, *extra: str, timeout: floa
     out = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(log.parent),
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    out.close()  # the child holds its own copy
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = READY.search(log.read_text(errors="replace"))
@@ -57,21 +71,104 @@ def start_server(model: Path, store: Path, log: Path, *extra: str, timeout: floa
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         time.sleep(0.1)
     proc.kill()
+    proc.wait()
     raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text(errors='replace')}")
+
+
+class _Servers:
+    def __init__(self, model: Path, root: Path) -> None:
+        self.model = model
+        self.root = root
+        self.started: list[ServerProcess] = []
+
+    def start(self, *extra: str, store: Path | None = None, name: str = "server",
+              model: Path | None = None) -> ServerProcess:
+        n = len(self.started)
+        server = start_server(model or self.model, store or self.root / f"{name}-{n}-store",
+                              self.root / f"{name}-{n}.log", *extra)
+        self.started.append(server)
+        return server
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
 
 
 @pytest.fixture
 def server_factory(tmp_path, tiny_model):
-    """start(*extra_args, store=None) -> ServerProcess; every server is stopped at teardown."""
-    started: list[ServerProcess] = []
+    """start(*extra_args, store=None, name=..., model=None) -> ServerProcess; stopped at teardown."""
+    servers = _Servers(tiny_model, tmp_path)
+    yield servers.start
+    servers.stop_all()
 
-    def start(*extra: str, store: Path | None = None, name: str = "server") -> ServerProcess:
-        server = start_server(tiny_model, store or tmp_path / "store", tmp_path / f"{name}-{len(started)}.log", *extra)
-        started.append(server)
-        return server
 
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+@pytest.fixture(scope="module")
+def module_server_factory(tmp_path_factory, tiny_model):
+    """As `server_factory`, for servers shared by the tests of one module."""
+    servers = _Servers(tiny_model, tmp_path_factory.mktemp("servers"))
+    yield servers.start
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory, builders) -> Path:
+    """The tiny model again (same seed, same shapes, so the same weights) with a longer context."""
+    return builders.llama(tmp_path_factory.mktemp("long-llama"), max_position_embeddings=2048)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def scrape(server: ServerProcess) -> str:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as resp:
+        assert resp.status == 200
+        return resp.read().decode("utf-8")
+
+
+def samples(text: str) -> list:
+    """Every sample of a /metrics exposition (prometheus_client's own parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` whose labels include `labels`; 0 when none match
+    (a counter child that was never incremented is not exported)."""
+    return sum(s.value for s in samples(text)
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def label_values(text: str, name: str, label: str) -> set[str]:
+    return {s.labels[label] for s in samples(text) if s.name == name and label in s.labels}
+
+
+def health(target: str, service: str = "", timeout: float = 10) -> str:
+    """grpc.health.v1 Check -> the status name ("SERVING", ...)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def wait_until(condition, timeout: float = 10, interval: float = 0.05, what: str = "condition"):
+    """Poll `condition()` until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def api() -> SimpleNamespace:
+    return SimpleNamespace(scrape=scrape, samples=samples, metric=metric, label_values=label_values,
+                           health=health, wait_until=wait_until)
