@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-from .lora_groups import GatherCache, TokenGroups
+from .lora_groups import TokenGroups
 
 _PATHS = {"torch": "lora_torch", "reference": "lora_reference", "triton": "lora_triton"}
 
@@ -35,4 +35,4 @@ def _triton_available() -> bool:
     return has_kernel and importlib.util.find_spec("triton") is not None
 
 
-__all__ = ["GatherCache", "TokenGroups", "get_lora_ops"]
+__all__ = ["TokenGroups", "get_lora_ops"]

@@ -7,31 +7,9 @@ row (and each contiguous segment of rows) uses. Rows with no adapter appear in n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-
-
-class GatherCache:
-    """Per-row weights gathered from pools for one batch layout, kept while that layout repeats
-    (a decode batch keeps its make-up for many steps). Bounded by `budget_bytes`; a pool is
-    recognised by identity, and whoever owns the layout drops the cache when pools change."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self.used_bytes = 0
-        self._entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def gather(self, pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """pool [S, ...] -> pool[index] [n, ...], from the cache when this pool was gathered before."""
-        hit = self._entries.get(id(pool))
-        if hit is not None and hit[0] is pool:
-            return hit[1]
-        gathered = pool.index_select(0, index)
-        if self.used_bytes + gathered.nbytes <= self.budget_bytes:
-            self._entries[id(pool)] = (pool, gathered)
-            self.used_bytes += gathered.nbytes
-        return gathered
 
 
 @dataclass(frozen=True)
@@ -55,7 +33,6 @@ class TokenGroups:
     seg_slots: torch.Tensor
     row_slots: torch.Tensor
     seg_offsets: torch.Tensor
-    cache: GatherCache | None = field(default=None, compare=False)
 
     @property
     def num_segments(self) -> int:
@@ -63,8 +40,7 @@ class TokenGroups:
 
     @staticmethod
     def build(
-        seg_row_starts: list[int], seg_lens: list[int], seg_slots: list[int], device: torch.device | str = "cpu",
-        cache: GatherCache | None = None,
+        seg_row_starts: list[int], seg_lens: list[int], seg_slots: list[int], device: torch.device | str = "cpu"
     ) -> "TokenGroups":
         """Groups from per-segment (first row, length, pool entry), segments in row order."""
         num_rows = sum(seg_lens)
@@ -89,14 +65,7 @@ class TokenGroups:
             seg_slots=slots.to(device),
             row_slots=torch.repeat_interleave(slots, lens).to(device),
             seg_offsets=torch.cumsum(lens, 0).to(torch.int32).to(device),
-            cache=cache,
         )
-
-    def gathered(self, pool: torch.Tensor) -> torch.Tensor:
-        """pool [S, ...] -> the weights of every served row, [n, ...] (row i: pool[row_slots[i]])."""
-        if self.cache is None:
-            return pool.index_select(0, self.row_slots)
-        return self.cache.gather(pool, self.row_slots)
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, d] -> the served rows [n, d]."""

@@ -2,9 +2,7 @@
 
 Two forms, the same result:
 - gather form (decode, about one token per adapter): each token's weights are gathered from
-  the pool and one batched row-times-matrix product serves every token. The gathered weights
-  depend only on which pool entry each row uses, so while a decode batch keeps its make-up
-  they are kept on the step's `TokenGroups` and reused (within its byte budget);
+  the pool and one batched row-times-matrix product serves every token;
 - segment form (prefill, many tokens per adapter): one matmul per active adapter over its
   contiguous rows, by `grouped_mm` in a single call.
 Each rank class is served at its own rank: nothing is padded to the batch's largest rank.
@@ -44,7 +42,7 @@ def _per_row(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.
 
     A row times a matrix (rather than the matrix times a column) is several times faster
     for these shapes on CPU."""
-    w = groups.gathered(pool)  # [n, m, k]
+    w = pool.index_select(0, groups.row_slots)  # [n, m, k]
     return torch.bmm(x.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
 
 

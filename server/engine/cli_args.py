@@ -24,8 +24,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-loras", type=int, default=32, help="adapters resident on the device at once")
     g.add_argument("--max-cpu-loras", type=int, default=128, help="loaded adapters cached in host memory")
     g.add_argument("--max-lora-rank", type=int, default=64)
-    g.add_argument("--gather-cache-mb", type=int, default=1024,
-                   help="memory for per-token adapter weights reused across decode steps (0: off)")
     g.add_argument("--threads", type=int, help="CPU threads for torch")
 
 
@@ -35,7 +33,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
         max_total_tokens=args.max_total_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
-        gather_cache_mb=args.gather_cache_mb, threads=args.threads,
+        threads=args.threads,
     )
 
 

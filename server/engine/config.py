@@ -23,7 +23,6 @@ class EngineConfig:
     max_loras: int = 32  # adapters resident in device slots at once
     max_cpu_loras: int = 128  # loaded adapters kept in host memory
     max_lora_rank: int = 64
-    gather_cache_mb: int = 1024  # decode: per-token adapter weights kept while the batch is unchanged
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
 
     def torch_dtype(self) -> torch.dtype:

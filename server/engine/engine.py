@@ -71,8 +71,7 @@ class Engine:
             self.dtype, self.device,
         )
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens)
-        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype,
-                                  gather_cache_bytes=config.gather_cache_mb << 20)
+        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
         self.sampler = Sampler()
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraplex.kernels import GatherCache, TokenGroups
+from loraplex.kernels import TokenGroups
 
 
 class RankTable:
@@ -59,7 +59,6 @@ class LoraBatch:
         seq_num_rows: list[int],
         tables: dict[str, RankTable],
         device: torch.device | str = "cpu",
-        gather_budget_bytes: int = 0,
     ) -> "LoraBatch | None":
         """seq_slots[b] is sequence b's slot (-1: none); its rows follow the previous sequence's.
 
@@ -78,7 +77,6 @@ class LoraBatch:
                 runs.append([slot, row, n])
             row += n
         batch = LoraBatch()
-        cache = GatherCache(gather_budget_bytes) if gather_budget_bytes > 0 else None
         built: dict[tuple, TokenGroups] = {}  # projections with the same layout share their groups
         for proj, table in tables.items():
             by_rank: dict[int, tuple[list[int], list[int], list[int]]] = {}
@@ -93,6 +91,6 @@ class LoraBatch:
             for rank, (starts, lens, entries) in sorted(by_rank.items()):
                 key = (tuple(starts), tuple(lens), tuple(entries))
                 if key not in built:
-                    built[key] = TokenGroups.build(starts, lens, entries, device, cache)
+                    built[key] = TokenGroups.build(starts, lens, entries, device)
                 batch.groups.setdefault(proj, []).append((rank, built[key]))
         return batch if batch.groups else None

@@ -19,9 +19,8 @@ from .sequence import Sequence
 
 class ModelRunner:
     def __init__(self, model: CausalLM, blocks: BlockManager, slots: AdapterSlots, ops: ModuleType,
-                 device: torch.device, dtype: torch.dtype, gather_cache_bytes: int = 0) -> None:
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
-        self.gather_cache_bytes = gather_cache_bytes
         self._decode_lora: tuple[tuple, LoraBatch | None] | None = None  # (layout key, batch) of the last decode
         self.blocks = blocks
         self.slots = slots
@@ -99,11 +98,10 @@ class ModelRunner:
         )
 
     def _decode_lora_batch(self, seq_slots: list[int]) -> LoraBatch | None:
-        """The decode batch's LoRA grouping, reused (with its gathered weights) while neither the
-        batch's slots nor the adapters in them change."""
+        """The decode batch's LoRA grouping, reused while neither the batch's slots nor the adapters
+        in them change (a decode batch keeps its make-up for many steps)."""
         key = (tuple(seq_slots), self.slots.version)
         if self._decode_lora is None or self._decode_lora[0] != key:
-            batch = LoraBatch.build(seq_slots, [1] * len(seq_slots), self.slots.tables, self.device,
-                                    self.gather_cache_bytes)
+            batch = LoraBatch.build(seq_slots, [1] * len(seq_slots), self.slots.tables, self.device)
             self._decode_lora = (key, batch)
         return self._decode_lora[1]
