@@ -108,12 +108,8 @@ def adapter_kind(config: dict) -> str:
 # LoRA config rules
 # --------------------------------------------------------------------------------------------
 
-# LoraConfig keys (peft/tuners/lora/config.py and PeftConfig) that never change what a saved
-# adapter computes at inference: bookkeeping, training-time options, and options whose effect is
-# already baked into the saved tensors or is honoured when the adapter is planned (rank_pattern,
-# alpha_pattern, use_rslora, layers_to_transform). megatron_core and qalora_group_size are only
-# read when megatron_config / use_qalora are set, which are refused.
-_LORA_HARMLESS_KEYS = frozenset(
+# Bookkeeping every PEFT config carries, whatever its kind.
+_COMMON_KEYS = frozenset(
     {
         "peft_type",
         "task_type",
@@ -122,6 +118,16 @@ _LORA_HARMLESS_KEYS = frozenset(
         "base_model_name_or_path",
         "revision",
         "inference_mode",
+    }
+)
+
+# LoraConfig keys (peft/tuners/lora/config.py and PeftConfig) that never change what a saved
+# adapter computes at inference: bookkeeping, training-time options, and options whose effect is
+# already baked into the saved tensors or is honoured when the adapter is planned (rank_pattern,
+# alpha_pattern, use_rslora, layers_to_transform). megatron_core and qalora_group_size are only
+# read when megatron_config / use_qalora are set, which are refused.
+_LORA_HARMLESS_KEYS = _COMMON_KEYS | frozenset(
+    {
         "r",
         "lora_alpha",
         "target_modules",
@@ -247,15 +253,8 @@ def lora_scale(config: dict, module: str, rank: int) -> float:
 # Prompt-tuning config rules
 # --------------------------------------------------------------------------------------------
 
-_PROMPT_HARMLESS_KEYS = frozenset(
+_PROMPT_HARMLESS_KEYS = _COMMON_KEYS | frozenset(
     {
-        "peft_type",
-        "task_type",
-        "auto_mapping",
-        "peft_version",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
         "num_virtual_tokens",
         "token_dim",
         "num_transformer_submodules",
