@@ -37,3 +37,13 @@ def _served_rows(groups: TokenGroups) -> list[int]:
     if groups.rows is None:
         return list(range(groups.row_start, groups.row_start + groups.num_rows))
     return [int(r) for r in groups.rows]
+
+
+def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out[i, j] = weight[i, j] + scale * sum_k b[i, k] * a[k, j], element by element in float32."""
+    rows, cols = weight.shape
+    merged = weight.float().clone()
+    for i in range(rows):
+        for k in range(a.shape[0]):
+            merged[i] += scale * float(b[i, k]) * a[k].float()
+    out.copy_(merged)

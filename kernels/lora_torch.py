@@ -63,3 +63,12 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> t
 def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor) -> None:
     """xa [n, r], b_pool [S, out, r], y [T, out]: y[row_i] += b_pool[row_slots[i]] @ xa[i]."""
     groups.scatter_add_rows(y, _apply(xa, b_pool, groups))
+
+
+def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out = weight + scale * (b @ a), computed in float32; weight/out [o, in], a [r, in], b [o, r].
+
+    `out` is a separate buffer (it may be a row slice of a fused weight): the resident base
+    weights are never modified, since in half precision merge-then-unmerge is not exact."""
+    merged = torch.addmm(weight.float(), b.float(), a.float(), alpha=scale)
+    out.copy_(merged)
