@@ -58,6 +58,8 @@ class Metrics:
                                              registry=r)
         self.adapter_load_seconds = Histogram("loraplex_adapter_load_seconds", "Time to load one adapter into a slot.",
                                               buckets=LATENCY_BUCKETS, registry=r)
+        self.merge_switches = Counter("loraplex_merge_switches", "Switches to or from serving an adapter merged.",
+                                      registry=r)
         self.resident = Gauge("loraplex_resident_adapters", "Adapters resident in device slots.", registry=r)
         self.registered = Gauge("loraplex_registered_adapters", "Adapter versions in the registry.", registry=r)
         self.lora_info = Gauge("loraplex_lora_requests_info", "Running and waiting adapters (adapter affinity).",

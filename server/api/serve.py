@@ -71,7 +71,9 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
+    from loraplex.adapters_store.errors import StoreError
     from loraplex.adapters_store.store import AdapterStore
+    from loraplex.server.engine.adapters import AdapterError
     from loraplex.server.engine.cli_args import engine_config
     from loraplex.server.engine.engine import Engine
     from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -92,6 +94,13 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _restore_adapters(engine, store)
+    if args.merge:
+        try:
+            ref = store.get(args.merge).ref
+            engine.merge_adapter(ref, static=True)
+        except (StoreError, AdapterError) as exc:  # a usage error at start-up
+            print(f"error: --merge {args.merge}: {exc}", file=sys.stderr)
+            return 2
     metrics = Metrics(args.max_endpoint_labels)
     metrics.registered.set(len(store.list()))
     hook = MetricsHook(metrics)

@@ -25,6 +25,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cpu-loras", type=int, default=128, help="loaded adapters cached in host memory")
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--threads", type=int, help="CPU threads for torch")
+    m = parser.add_argument_group("merging")
+    m.add_argument("--merge", metavar="NAME", help="serve this LoRA adapter from merged weights (static)")
+    m.add_argument("--dynamic-merge", action="store_true",
+                   help="merge whichever adapter dominates the running batch, and back when traffic mixes")
+    m.add_argument("--merge-high", type=float, default=0.75, help="share of running requests that triggers a merge")
+    m.add_argument("--merge-low", type=float, default=0.5, help="share under which a dynamic merge is undone")
+    m.add_argument("--merge-patience", type=int, default=8, help="steps a condition must hold before switching")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -33,7 +40,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
         max_total_tokens=args.max_total_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
-        threads=args.threads,
+        threads=args.threads, dynamic_merge=args.dynamic_merge, merge_high=args.merge_high,
+        merge_low=args.merge_low, merge_patience=args.merge_patience,
     )
 
 

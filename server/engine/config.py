@@ -23,6 +23,10 @@ class EngineConfig:
     max_loras: int = 32  # adapters resident in device slots at once
     max_cpu_loras: int = 128  # loaded adapters kept in host memory
     max_lora_rank: int = 64
+    dynamic_merge: bool = False  # merge an adapter that dominates the running batch (merging.py)
+    merge_high: float = 0.75  # share of running sequences that triggers a merge ...
+    merge_low: float = 0.5  # ... and the share under which it is undone
+    merge_patience: int = 8  # consecutive steps either condition must hold
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
 
     def torch_dtype(self) -> torch.dtype:

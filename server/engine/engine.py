@@ -24,6 +24,7 @@ from .adapters import AdapterError, BaseModelShape
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .merging import MergePolicy, build_merged
 from .model import FUSED, CausalLM
 from .model_config import spec_from_hf_config
 from .model_runner import ModelRunner
@@ -73,6 +74,12 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens)
         self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
         self.sampler = Sampler()
+        self.runner.quantized = config.quantize != "none"
+        self.merge_policy = MergePolicy(dynamic=config.dynamic_merge, high=config.merge_high, low=config.merge_low,
+                                        patience=config.merge_patience)
+        self.merged: str | None = None  # the adapter served from merged copies
+        self._pinned_for_merge = False
+        self.merge_switches = 0
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -99,7 +106,52 @@ class Engine:
         return self.slots.register(name, path)
 
     def unregister_adapter(self, name: str) -> None:
+        if name == self.merged:
+            self.unmerge_adapter()
+            if self.merge_policy.static == name:
+                self.merge_policy.static = None
         self.slots.unregister(name)
+
+    # merging ---------------------------------------------------------------------------
+    def merge_adapter(self, name: str, static: bool = False) -> None:
+        """Serve LoRA adapter `name` from merged copies of the layers it touches (see merging.py);
+        static: keep it merged (dynamic merging then leaves it alone)."""
+        if self.slots.kind(name) != "lora":
+            raise AdapterError(f"cannot merge {name!r}: not a registered LoRA adapter")
+        if self.merged is not None:
+            self.unmerge_adapter()
+        self._pinned_for_merge = name not in self.slots.pinned
+        slot = self.slots.pin(name)
+        entries = {proj: table.entries[slot] for proj, table in self.slots.tables.items() if slot in table.entries}
+        for layer in self.model.lora_layers():
+            layer.merged = build_merged(layer, entries, self.ops, self.dtype)
+        self.runner.merged_slot = slot
+        self.runner.merged_rank = max(rank for rank, _ in entries.values())
+        self.merged = name
+        self.merge_switches += 1
+        if static:
+            self.merge_policy.static = name
+
+    def unmerge_adapter(self) -> None:
+        """Back to the base weights for every layer (the merged copies are dropped)."""
+        if self.merged is None:
+            return
+        for layer in self.model.lora_layers():
+            layer.merged = None
+        if self._pinned_for_merge:
+            self.slots.unpin(self.merged)
+        self.runner.merged_slot = None
+        self.merged = None
+        self.merge_switches += 1
+
+    def _follow_merge_policy(self, running: list[Sequence]) -> None:
+        want = self.merge_policy.decide(self.merged, [s.adapter for s in running])
+        if want == self.merged:
+            return
+        if want is None:
+            self.unmerge_adapter()
+        else:
+            self.merge_adapter(want)
 
     # requests --------------------------------------------------------------------------
     def add_request(self, request: Request) -> str:
@@ -201,6 +253,8 @@ class Engine:
         outputs = [self._failure(seq, error, code) for seq, error, code in failed]
         if not seqs:
             return outputs
+        if self.merge_policy.dynamic:
+            self._follow_merge_policy(self.scheduler.running)
         logits, seqs = self.runner.run(seqs, is_prefill)
         next_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for seq, token in zip(seqs, next_ids):

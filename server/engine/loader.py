@@ -101,7 +101,7 @@ def load_tokenizer(path: Path):
 
 def load_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors model directory (single file or sharded), in `dtype`."""
-    files = _weight_files(path)
+    files = weight_files(path)
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -110,7 +110,7 @@ def load_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -25,20 +25,38 @@ class LoraLinear(nn.Module):
         for name, out in slices:
             self.slices[name] = (col, out)
             col += out
+        self.merged: nn.Module | None = None  # W + scale·B·A of the merged adapter (see merging.py)
         # projection -> rank -> (A pool [cap, r, in], scale * B pool [cap, out, r]), PEFT's layout
         self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.slices}
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType) -> torch.Tensor:
-        """x [T, in] -> y [T, sum(out)]."""
-        y = self.base(x)
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType, merge=None) -> torch.Tensor:
+        """x [T, in] -> y [T, sum(out)]. `merge` (a merging.MergeStep) says how rows use the merged
+        copy, when this layer has one; rows of the merged adapter are absent from `lora`."""
+        if merge is None or self.merged is None:
+            y = self.base(x)
+        elif merge.mode == "split":
+            y = x.new_empty(x.shape[0], self.out_features)
+            y.index_copy_(0, merge.merged_rows, self.merged(x.index_select(0, merge.merged_rows)))
+            y.index_copy_(0, merge.other_rows, self.base(x.index_select(0, merge.other_rows)))
+        else:
+            y = self.merged(x)
+            if merge.mode == "correct":  # the others remove the merged update: its update of -x
+                self._add_updates(-x, merge.correction, ops, y)
+        self._add_updates(x, lora, ops, y)
+        return y
+
+    def _add_updates(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType, y: torch.Tensor) -> None:
         if lora is None:
-            return y
+            return
         for name, (col, out) in self.slices.items():
             for rank, groups in lora.groups.get(name, ()):
                 a_pool, b_pool = self.pools[name][rank]
                 xa = ops.lora_shrink(x, a_pool, groups)
                 ops.lora_expand(xa, b_pool, groups, y[:, col : col + out] if len(self.slices) > 1 else y)
-        return y
+
+    @property
+    def out_features(self) -> int:
+        return sum(out for _, out in self.slices.values())
 
     def ensure_capacity(self, name: str, rank: int, capacity: int, dtype: torch.dtype, device: torch.device) -> None:
         """Grow (or create) the rank-`rank` pools of projection `name` to `capacity` entries."""

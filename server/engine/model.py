@@ -17,6 +17,7 @@ from torch import nn
 from .attention import AttentionMetadata, attention, write_kv
 from .lora_batch import LoraBatch
 from .lora_layer import LoraLinear
+from .merging import MergeStep
 from .model_config import ModelSpec
 from .quantize import make_linear
 
@@ -38,6 +39,7 @@ class ForwardBatch:
     logit_rows: torch.Tensor  # [R] rows whose logits are wanted
     soft_rows: torch.Tensor | None = None  # [n] rows that take a soft-prompt vector
     soft_vectors: torch.Tensor | None = None  # [n, hidden]
+    merge: MergeStep | None = None  # how rows use merged copies this step
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,17 +70,17 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         s = self.spec
         num_tokens = h.shape[0]
-        qkv = self.proj["qkv_proj"](rms_norm(h, self.input_norm, s.rms_norm_eps), batch.lora, ops)
+        qkv = self.proj["qkv_proj"](rms_norm(h, self.input_norm, s.rms_norm_eps), batch.lora, ops, batch.merge)
         q, k, v = qkv.split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q = apply_rope(q.view(num_tokens, s.num_heads, s.head_dim), cos, sin)
         k = apply_rope(k.view(num_tokens, s.num_kv_heads, s.head_dim), cos, sin)
         v = v.reshape(num_tokens, s.num_kv_heads, s.head_dim)
         write_kv(kv[0], kv[1], k, v, batch.attn.slot_mapping)
         o = attention(q, k, v, kv[0], kv[1], batch.attn)
-        h = h + self.proj["o_proj"](o, batch.lora, ops)
-        gate_up = self.proj["gate_up_proj"](rms_norm(h, self.post_norm, s.rms_norm_eps), batch.lora, ops)
+        h = h + self.proj["o_proj"](o, batch.lora, ops, batch.merge)
+        gate_up = self.proj["gate_up_proj"](rms_norm(h, self.post_norm, s.rms_norm_eps), batch.lora, ops, batch.merge)
         gate, up = gate_up.split([s.intermediate_size, s.intermediate_size], dim=-1)
-        return h + self.proj["down_proj"](F.silu(gate) * up, batch.lora, ops)
+        return h + self.proj["down_proj"](F.silu(gate) * up, batch.lora, ops, batch.merge)
 
 
 class CausalLM(nn.Module):

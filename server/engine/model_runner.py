@@ -13,6 +13,7 @@ from .adapter_slots import AdapterSlots
 from .attention import AttentionMetadata
 from .block_manager import BlockManager
 from .lora_batch import LoraBatch
+from .merging import MergeStep, merge_mode
 from .model import CausalLM, ForwardBatch
 from .sequence import Sequence
 
@@ -26,6 +27,10 @@ class ModelRunner:
         self.slots = slots
         self.ops = ops
         self.device = device
+        self.merged_slot: int | None = None  # slot of the adapter served from merged copies
+        self.merged_rank = 0
+        self.quantized = False
+        self.last_merge_mode: str | None = None  # how the last step used the merged copies
         spec = model.spec
         shape = (blocks.num_blocks, blocks.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_cache = [
@@ -74,7 +79,8 @@ class ModelRunner:
             input_ids=torch.cat(ids).to(dev),
             positions=torch.cat(positions).to(dev),
             attn=AttentionMetadata.for_prefill([s.num_tokens for s in seqs], slot_mapping, dev),
-            lora=LoraBatch.build([s.slot for s in seqs], [s.num_tokens for s in seqs], self.slots.tables, dev),
+            lora=LoraBatch.build(self._lora_slots(seqs), [s.num_tokens for s in seqs], self.slots.tables, dev),
+            merge=self._merge_step(seqs, [s.num_tokens for s in seqs]),
             logit_rows=torch.cat(logit_rows).to(dev),
             soft_rows=torch.cat(soft_rows).to(dev) if soft_rows else None,
             soft_vectors=torch.cat(soft_vectors) if soft_vectors else None,
@@ -93,9 +99,36 @@ class ModelRunner:
             attn=AttentionMetadata.for_decode(
                 [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, slot_mapping, dev
             ),
-            lora=self._decode_lora_batch([s.slot for s in seqs]),
+            lora=self._decode_lora_batch(self._lora_slots(seqs)),
+            merge=self._merge_step(seqs, [1] * len(seqs)),
             logit_rows=torch.arange(len(seqs), device=dev),
         )
+
+    def _lora_slots(self, seqs: list[Sequence]) -> list[int]:
+        """Each sequence's slot for the low-rank update: none for the merged adapter's sequences."""
+        return [-1 if s.slot == self.merged_slot else s.slot for s in seqs]
+
+    def _merge_step(self, seqs: list[Sequence], rows: list[int]) -> MergeStep | None:
+        merged = [s.slot == self.merged_slot for s in seqs] if self.merged_slot is not None else [False] * len(seqs)
+        num_merged = sum(n for n, m in zip(rows, merged) if m)
+        mode = merge_mode(num_merged, sum(rows) - num_merged, self.merged_rank, self.quantized)
+        self.last_merge_mode = mode
+        if mode is None or mode == "merged":
+            return None if mode is None else MergeStep("merged")
+        if mode == "correct":
+            others = [-1 if m else self.merged_slot for m in merged]
+            return MergeStep("correct", correction=LoraBatch.build(others, rows, self.slots.tables, self.device))
+        return MergeStep("split", merged_rows=self._rows_where(rows, merged, True),
+                         other_rows=self._rows_where(rows, merged, False))
+
+    def _rows_where(self, rows: list[int], merged: list[bool], want: bool) -> torch.Tensor:
+        """Batch rows of the sequences whose merged flag is `want` (sequence i has rows[i] rows)."""
+        picked, start = [], 0
+        for n, m in zip(rows, merged):
+            if m == want:
+                picked.append(torch.arange(start, start + n))
+            start += n
+        return torch.cat(picked).to(self.device)
 
     def _decode_lora_batch(self, seq_slots: list[int]) -> LoraBatch | None:
         """The decode batch's LoRA grouping, reused while neither the batch's slots nor the adapters

@@ -133,6 +133,11 @@ def main(argv: list[str]) -> int:
             refused[name] = str(exc)
             print(f"error: adapter {name!r} refused: {exc}", file=sys.stderr)
 
+    if args.merge:
+        if args.merge in refused or engine.slots.kind(args.merge) != "lora":
+            print(f"error: --merge {args.merge}: not a LoRA adapter given with --adapter", file=sys.stderr)
+            return 2
+        engine.merge_adapter(args.merge, static=True)
     requests = [r for r in items if not isinstance(r, str)]
     completions = iter(engine.generate(requests))
     failed = 0

@@ -91,3 +91,28 @@ def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, quantize: str, d
     layer = layer.to(device)
     layer.out_features = out_features
     return layer
+
+
+def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's weight [out, in] as a dense tensor in `dtype` (dequantized when quantized):
+    the starting point of a merged copy. A new tensor; the layer itself is left as it is."""
+    if isinstance(module, DenseLinear):
+        return module.weight.detach().to(dtype).clone()
+    if isinstance(module, ConcatLinear):
+        return torch.cat([dense_weight(p, dtype) for p in module.parts])
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return (weight.data.float() * weight.SCB.float()[:, None] / 127.0).to(dtype)
+
+
+def layer_bias(module: nn.Module) -> torch.Tensor | None:
+    """The layer's bias [out] (None when it has none), fused layers' parts concatenated."""
+    if isinstance(module, ConcatLinear):
+        biases = [layer_bias(p) for p in module.parts]
+        if all(b is None for b in biases):
+            return None
+        return torch.cat([b if b is not None else torch.zeros(p.out_features) for p, b in zip(module.parts, biases)])
+    return None if module.bias is None else module.bias.detach()
