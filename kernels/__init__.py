@@ -1,13 +1,18 @@
 """LoRA compute ops with three paths each: a naive reference (the test oracle), a vectorised
-PyTorch path (CPU serving) and, later, a Triton kernel (GPU serving).
+PyTorch path (CPU serving) and a Triton kernel (GPU serving).
 
-`get_lora_ops(name, device)` picks a path: "auto" (Triton on CUDA, PyTorch elsewhere),
-"torch", "triton" or "reference". Triton is imported only when asked for.
+`get_lora_ops(name, device)` picks a path: "auto" (Triton on CUDA when triton imports, PyTorch
+elsewhere), "torch", "triton" or "reference". Triton is imported only when asked for.
+"triton" on a CPU device runs Triton in its interpreter (float32/float16, slow: for tests):
+unless the environment says otherwise, TRITON_INTERPRET=1 is set before the Triton module is
+first imported. Triton reads that variable when the kernels are defined, so a process that
+imported the Triton path for a GPU first cannot switch it to the CPU later.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from types import ModuleType
 
 import torch
@@ -24,6 +29,8 @@ def get_lora_ops(name: str = "auto", device: torch.device | str = "cpu") -> Modu
         name = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if name not in _PATHS:
         raise ValueError(f"unknown kernels {name!r}: choose auto, torch, triton or reference")
+    if name == "triton" and device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU: its interpreter (read at import)
     try:
         return importlib.import_module(f"{__name__}.{_PATHS[name]}")
     except ImportError as exc:

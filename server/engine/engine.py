@@ -57,13 +57,14 @@ class Engine:
             torch.set_num_threads(config.threads)
         self.device = config.torch_device()
         self.dtype = config.torch_dtype()
+        # first: on a CPU the Triton path must set up its interpreter before anything imports triton
+        self.ops = get_lora_ops(config.kernels, self.device)
         self.model_path = loader.resolve_model(config.model)
         self.spec = spec_from_hf_config(loader.load_config(self.model_path), str(config.model or self.model_path))
         self.tokenizer = loader.load_tokenizer(self.model_path)
         self.max_model_len = self._context_limit()
         weights = loader.load_weights(self.model_path, self.dtype)
         self.model = CausalLM(self.spec, weights, config.quantize, self.device, self.max_model_len)
-        self.ops = get_lora_ops(config.kernels, self.device)
         self.blocks = BlockManager(-(-config.max_total_tokens // config.block_size), config.block_size)
         self.slots = AdapterSlots(
             BaseModelShape(self.spec.num_layers, self.spec.hidden_size, self.spec.projection_shapes(),

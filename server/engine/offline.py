@@ -118,6 +118,8 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print(f"loraplex: {engine.model_path.name}, {engine.config.dtype}, quantize {engine.config.quantize}, "
+          f"kernels {engine.ops.__name__.rsplit('.', 1)[-1]}", file=sys.stderr)
     refused: dict[str, str] = {}
     for name, path in args.adapter + args.soft_prompt:
         try:
