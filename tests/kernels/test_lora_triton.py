@@ -100,7 +100,7 @@ def _layout_cases():
 def test_triton_matches_torch_reference_and_dense(layout, rank, dtype, in_f, out_f, triton_device):
     T, starts, lens, slots = LAYOUTS[layout]
     served = _served(starts, lens, slots)
-    left, right = 3, 5
+    left = 3  # _operands pads y with 3 columns on the left (and 5 on the right)
     x, a_pool, b_pool, y_wide = _operands(T, in_f, out_f, rank, dtype, seed=rank * 1000 + in_f)
     groups = TokenGroups.build(starts, lens, slots)
     dense_xa, dense_y = _dense(x, a_pool, b_pool, y_wide[:, left : left + out_f], served)
@@ -211,7 +211,6 @@ def test_strided_inputs_and_outputs(triton_device):
     x_wide = torch.randn(T, in_f + 9)
     x_wide[:, 4 : 4 + in_f] = x
     y_t = torch.randn(out_f + 7, T)  # y is y_t.t()[:, 2 : 2 + out_f]: strides (1, T)
-    g = TokenGroups.build(starts, lens, slots)
     dense_xa, dense_y = _dense(x, a_pool, b_pool, y_t.t()[:, 2 : 2 + out_f], _served(starts, lens, slots))
 
     g_dev = TokenGroups.build(starts, lens, slots, triton_device)
