@@ -10,9 +10,7 @@ token; the checks against PEFT stop at the first near-tie, as the design asks.
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,18 +22,6 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.engine import Completion, Engine, RequestError
 from loraplex.server.engine.sampler import SamplingParams
 from loraplex.server.engine.sequence import Request, RequestOutput
-
-
-def _root_conftest():
-    """tests/conftest.py (its builders), as pytest already imported it."""
-    module = sys.modules.get("tests.conftest")
-    if module is None:  # pragma: no cover - another import mode
-        path = Path(__file__).resolve().parents[2] / "conftest.py"
-        spec = importlib.util.spec_from_file_location("_loraplex_tests_conftest", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 ATOL = 1e-4  # float32 logits against the reference, absolute
@@ -507,12 +493,12 @@ def test_max_new_tokens_is_length(roomy):
 
 
 @pytest.fixture(scope="module")
-def eos_model(tmp_path_factory) -> Path:
+def eos_model(tmp_path_factory, builders) -> Path:
     """The tiny Llama edited so EOS wins early: residual dimension 0 holds a constant 5 (embeddings
     set it, no layer writes it) and only the EOS row of lm_head reads it."""
     from safetensors.torch import load_file, save_file
 
-    out = _root_conftest().build_tiny_llama(tmp_path_factory.mktemp("eos-llama"))
+    out = builders.llama(tmp_path_factory.mktemp("eos-llama"))
     weights = load_file(str(out / "model.safetensors"))
     weights["model.embed_tokens.weight"][:, 0] = 5.0
     for key, value in weights.items():
@@ -664,13 +650,12 @@ def test_streamed_ids_never_include_the_stop_string(roomy):
 
 
 @pytest.fixture(scope="module")
-def family_models(tmp_path_factory):
-    build = _root_conftest()
+def family_models(tmp_path_factory, builders):
     out = {}
     for model_type in ("qwen2", "mistral"):
         root = tmp_path_factory.mktemp(model_type)
-        model = build.build_tiny_llama(root / "model", model_type=model_type)
-        lora = build.build_lora(model, root / "lora", ATTN + MLP, r=4, alpha=8, seed=11, scale=0.2)
+        model = builders.llama(root / "model", model_type=model_type)
+        lora = builders.lora(model, root / "lora", ATTN + MLP, r=4, alpha=8, seed=11, scale=0.2)
         out[model_type] = (model, lora)
     return out
 

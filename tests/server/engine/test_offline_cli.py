@@ -6,7 +6,6 @@ Each subprocess pays a few seconds of imports, so the cases are batched into few
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import shutil
@@ -22,18 +21,6 @@ from loraplex.server.engine.sampler import SamplingParams
 from loraplex.server.engine.sequence import Request
 
 TIMEOUT = 120
-
-
-def _root_conftest():
-    """tests/conftest.py (its builders), as pytest already imported it."""
-    module = sys.modules.get("tests.conftest")
-    if module is None:  # pragma: no cover - another import mode
-        path = Path(__file__).resolve().parents[2] / "conftest.py"
-        spec = importlib.util.spec_from_file_location("_loraplex_tests_conftest", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return module
 
 
 def cli(args: list, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -59,9 +46,8 @@ def as_result(c) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bad_adapters(tmp_path_factory, tiny_model, tiny_adapters) -> dict[str, Path]:
+def bad_adapters(tmp_path_factory, tiny_model, tiny_adapters, builders) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad-adapters")
-    build = _root_conftest()
 
     # PEFT's legacy pickle format: a config and adapter_model.bin whose unpickling would
     # create a marker file
@@ -77,8 +63,8 @@ def bad_adapters(tmp_path_factory, tiny_model, tiny_adapters) -> dict[str, Path]
     (pickled / "adapter_model.bin").write_bytes(pickle.dumps(Payload()))
 
     # a real adapter, for a model of another hidden size
-    small = build.build_tiny_llama(root / "small-model", hidden_size=32)
-    wrong = build.build_lora(small, root / "wrongshape", ["q_proj", "v_proj"], r=4, alpha=8, seed=9)
+    small = builders.llama(root / "small-model", hidden_size=32)
+    wrong = builders.lora(small, root / "wrongshape", ["q_proj", "v_proj"], r=4, alpha=8, seed=9)
 
     truncated = root / "truncated"
     shutil.copytree(tiny_adapters["attn4"], truncated)
