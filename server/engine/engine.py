@@ -28,7 +28,7 @@ from .merging import MergePolicy, build_merged
 from .model import FUSED, CausalLM
 from .model_config import spec_from_hf_config
 from .model_runner import ModelRunner
-from .sampler import Sampler, make_generator
+from .sampler import Sampler, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence, Status
 
@@ -39,7 +39,7 @@ class RequestError(ValueError):
 
 @dataclass
 class Completion:
-    """The whole result of one request (offline use)."""
+    """The whole result of one completion of a request (offline use)."""
 
     request_id: str
     text: str = ""
@@ -47,6 +47,8 @@ class Completion:
     finish_reason: str | None = None
     error: str | None = None
     prompt_tokens: int = 0
+    index: int = 0  # which of the request's n completions
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine:
@@ -84,7 +86,7 @@ class Engine:
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences (n per request)
 
     def _context_limit(self) -> int:
         limit = self.spec.max_position_embeddings
@@ -156,11 +158,22 @@ class Engine:
 
     # requests --------------------------------------------------------------------------
     def add_request(self, request: Request) -> str:
-        """Queue a request; raises RequestError when it cannot run as given."""
-        seq = self._sequence(request)
-        self._seqs[seq.request_id] = seq
-        self.scheduler.add(seq)
-        return seq.request_id
+        """Queue a request (n sequences for n completions); raises RequestError when it cannot
+        run as given."""
+        first = self._sequence(request)
+        group = [first] + [self._sibling(first, i) for i in range(1, first.params.n)]
+        self._seqs[first.request_id] = group
+        for seq in group:
+            self.scheduler.add(seq)
+        return first.request_id
+
+    def _sibling(self, first: Sequence, index: int) -> Sequence:
+        """Completion `index` of `first`'s request: the same prompt, its own generator and text.
+        The prompt is computed again for each (no KV sharing between siblings)."""
+        params = first.params
+        return Sequence(first.request_id, first.prompt_ids, params, first.adapter, first.soft_prompt,
+                        make_generator(params.seed_for(index)),
+                        IncrementalDetokenizer(self.tokenizer, first.prompt_ids, tuple(params.stop)), index=index)
 
     def _sequence(self, request: Request) -> Sequence:
         try:
@@ -239,10 +252,11 @@ class Engine:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def abort(self, request_id: str) -> bool:
-        seq = self._seqs.pop(request_id, None)
-        if seq is None:
+        group = self._seqs.pop(request_id, None)
+        if group is None:
             return False
-        self.scheduler.finish(seq)
+        for seq in group:
+            self.scheduler.finish(seq)
         return True
 
     def has_unfinished(self) -> bool:
@@ -251,24 +265,36 @@ class Engine:
     # stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         seqs, is_prefill, failed = self.scheduler.schedule()
-        outputs = [self._failure(seq, error, code) for seq, error, code in failed]
+        outputs = [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
+        seqs = [s for s in seqs if s.status is not Status.FINISHED]  # a sibling failed: the request is over
         if not seqs:
             return outputs
         if self.merge_policy.dynamic:
             self._follow_merge_policy(self.scheduler.running)
         logits, seqs = self.runner.run(seqs, is_prefill)
-        next_ids = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        for seq, token in zip(seqs, next_ids):
-            outputs.append(self._advance(seq, token))
+        tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        logprobs = dict(zip(wanted, token_logprobs(logits, tokens, wanted, [seqs[i].params.top_logprobs
+                                                                            for i in wanted])))
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            outputs.append(self._advance(seq, token, logprobs.get(i)))
         return outputs
 
-    def _failure(self, seq: Sequence, error: str, code: str) -> RequestOutput:
-        self._seqs.pop(seq.request_id, None)
+    def _failure(self, seq: Sequence, error: str, code: str) -> RequestOutput | None:
+        """A sequence the scheduler could not run fails its whole request (None: already failed)."""
+        group = self._seqs.pop(seq.request_id, None)
+        if group is None:
+            return None
+        for other in group:
+            if other is not seq:
+                self.scheduler.finish(other)
         return RequestOutput(seq.request_id, finished=True, finish_reason="error", error=error, error_code=code,
-                             prompt_tokens=len(seq.prompt_ids))
+                             prompt_tokens=len(seq.prompt_ids), index=seq.index)
 
-    def _advance(self, seq: Sequence, token: int) -> RequestOutput:
+    def _advance(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
         detok = seq.detokenizer
         detok.add(token)
         params = seq.params
@@ -278,15 +304,26 @@ class Engine:
             seq.finish_reason = "eos"
         elif len(seq.output_ids) >= params.max_new_tokens:
             seq.finish_reason = "length"
+        request_done = False
         if seq.finish_reason is not None:
             if seq.finish_reason != "stop":
                 detok.flush()
             self.scheduler.finish(seq)
-            self._seqs.pop(seq.request_id, None)
-        return self._delta(seq)
+            request_done = self._retire(seq)
+        return self._delta(seq, request_done)
 
-    def _delta(self, seq: Sequence) -> RequestOutput:
-        """Text and ids that became final since the last output of `seq`."""
+    def _retire(self, seq: Sequence) -> bool:
+        """Forget a finished sequence; True when it was its request's last."""
+        group = self._seqs.get(seq.request_id, [])
+        if seq in group:
+            group.remove(seq)
+        if group:
+            return False
+        self._seqs.pop(seq.request_id, None)
+        return True
+
+    def _delta(self, seq: Sequence, request_done: bool) -> RequestOutput:
+        """Text, ids and logprobs that became final since the last output of `seq`."""
         detok = seq.detokenizer
         text, ids = detok.text, detok.token_ids
         final_ids = len(ids) if seq.status is Status.FINISHED else detok.num_final_ids
@@ -294,10 +331,12 @@ class Engine:
             seq.request_id,
             text=text[seq.sent_text:],
             token_ids=ids[seq.sent_ids:final_ids],
-            finished=seq.status is Status.FINISHED,
+            finished=request_done,
             finish_reason=seq.finish_reason,
             prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(ids),
+            index=seq.index,
+            logprobs=seq.logprobs[seq.sent_ids:final_ids],
         )
         seq.sent_text = len(text)
         seq.sent_ids = max(seq.sent_ids, final_ids)
@@ -324,27 +363,33 @@ class Engine:
         return [x[s.num_virtual:] for x, s in zip(per_seq, seqs)]
 
     def generate(self, requests: list[Request]) -> list[Completion]:
-        """Run all requests together as one workload; results in input order. A request that
-        is refused or fails gets its error; the others complete."""
+        """Run all requests together as one workload; results in input order, a request with
+        n > 1 giving its n completions in a row. A request that is refused or fails gets its
+        error; the others complete."""
         results: list[Completion] = []
-        by_id: dict[str, Completion] = {}
+        by_id: dict[str, list[Completion]] = {}
         for request in requests:
             try:
                 request_id = self.add_request(request)
             except (RequestError, AdapterError) as exc:
                 results.append(Completion(request.request_id or "", error=str(exc), finish_reason="error"))
                 continue
-            completion = Completion(request_id, prompt_tokens=len(self._seqs[request_id].prompt_ids))
-            results.append(completion)
-            by_id[request_id] = completion
+            group = self._seqs[request_id]
+            completions = [Completion(request_id, prompt_tokens=len(s.prompt_ids), index=s.index) for s in group]
+            results += completions
+            by_id[request_id] = completions
         while self.has_unfinished():
             for out in self.step():
-                completion = by_id.get(out.request_id)
-                if completion is None:
+                completions = by_id.get(out.request_id)
+                if completions is None:
                     continue
+                completion = completions[out.index]
                 completion.text += out.text
                 completion.token_ids += out.token_ids
-                if out.finished:
+                completion.logprobs += out.logprobs
+                if out.error is not None:  # the whole request failed
+                    for c in completions:
+                        c.finish_reason, c.error = out.finish_reason, out.error
+                elif out.finish_reason is not None:
                     completion.finish_reason = out.finish_reason
-                    completion.error = out.error
         return results

@@ -21,6 +21,8 @@ from numbers import Real
 import torch
 
 MAX_STOP_STRINGS = 16
+MAX_N = 16  # completions per request
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 _SEED_LIMIT = 2**63
 
 
@@ -35,6 +37,9 @@ class SamplingParams:
     seed: int | None = None  # same seed + same prompt => same tokens, whatever the batch
     stop: tuple[str, ...] = ()  # stop strings
     ignore_eos: bool = False
+    n: int = 1  # completions of the same prompt; completion i of a seeded request uses seed + i
+    logprobs: bool = False  # return each chosen token's log-probability
+    top_logprobs: int = 0  # and this many most likely alternatives (needs logprobs)
 
     def __post_init__(self) -> None:
         # Accept any non-string sequence of stop strings (a list, a protobuf repeated field).
@@ -69,6 +74,22 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {type(self.ignore_eos).__name__}")
 
+        _check_int("n", self.n)
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be a bool, got {type(self.logprobs).__name__}")
+        _check_int("top_logprobs", self.top_logprobs)
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs to be true")
+
+    def seed_for(self, index: int) -> int | None:
+        """The seed of completion `index`: completion 0 is the request's own seed, so a seeded
+        request with n > 1 starts with exactly what the same request with n = 1 gives."""
+        return None if self.seed is None else (self.seed + index) % _SEED_LIMIT
+
     def _validate_stop(self) -> None:
         if not isinstance(self.stop, tuple):
             raise ValueError(f"stop must be a tuple of strings, got {type(self.stop).__name__}")
@@ -94,6 +115,39 @@ def _check_real(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[int], top_n: list[int]
+                   ) -> list[TokenLogprob]:
+    """Log-probabilities of the chosen `tokens` at `rows` of `logits` [B, V], with the `top_n[i]`
+    most likely tokens of row `rows[i]`.
+
+    They are the model's own distribution: log_softmax of the raw logits, before temperature,
+    top-k and top-p (what vLLM returns by default, and what OpenAI's API describes), so the
+    values do not depend on how the token was drawn and a sampled token may have been outside
+    the filtered set's top entries.
+    """
+    if not rows:
+        return []
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits[index].float(), dim=-1)  # [R, V]
+    chosen = logp.gather(1, tokens[index].view(-1, 1)).squeeze(1).tolist()  # [R]
+    top_values, top_ids = logp.topk(min(max(top_n), logp.shape[-1]), dim=-1)  # [R, k]; k may be 0
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    chosen_ids = tokens[index].tolist()
+    return [
+        TokenLogprob(chosen_ids[i], chosen[i], tuple(zip(top_ids[i][:top_n[i]], top_values[i][:top_n[i]])))
+        for i in range(len(rows))
+    ]
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

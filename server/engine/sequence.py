@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .sampler import SamplingParams
+from .sampler import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -29,7 +29,11 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request: deltas since the previous output."""
+    """What one step produced for one completion of a request: deltas since its previous output.
+
+    A request with n > 1 has n completions (`index` 0..n-1). `finish_reason` is set on the output
+    that ends completion `index`; `finished` on the request's last output, once every completion
+    has ended (with n = 1 both come together)."""
 
     request_id: str
     text: str = ""
@@ -39,7 +43,9 @@ class RequestOutput:
     error: str | None = None
     error_code: str | None = None  # a status name for fronts: RESOURCE_EXHAUSTED, INTERNAL
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # of this completion so far
+    index: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
 
 
 class Status(enum.Enum):
@@ -60,8 +66,10 @@ class Sequence:
         soft_prompt: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         detokenizer=None,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.index = index  # which of the request's n completions
         self.order = next(_ids)  # admission order, for preempting the newest first
         self.prompt_ids = prompt_ids
         self.params = params
@@ -70,6 +78,7 @@ class Sequence:
         self.generator = generator
         self.detokenizer = detokenizer
         self.output_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []  # per output id, when params.logprobs
         self.block_table: list[int] = []
         self.slot = -1  # adapter slot while running, -1 for none
         self.status = Status.WAITING

@@ -244,7 +244,7 @@ def test_preemption_recomputes_lora_and_soft_prompt_sequences(tiny_model, tiny_a
     seqs = {}
     for r in requests:
         rid = d.add(r)
-        seqs[rid] = engine._seqs[rid]
+        seqs[rid] = engine._seqs[rid][0]  # the request's only sequence (n = 1)
     d.run()
 
     assert engine.scheduler.num_preemptions > 0
