@@ -8,6 +8,8 @@ SUBCOMMANDS = {
     "serve": ("loraplex.server.api.serve", "Serve the model over gRPC (Inference, Admin) with /metrics."),
     "generate": ("loraplex.server.engine.offline", "Run requests through the engine offline."),
     "merge": ("loraplex.server.engine.export", "Export a Hugging Face model with a LoRA adapter merged in."),
+    "train": ("loraplex.trainer.train", "Train a LoRA, QLoRA, soft prompt or full fine-tune (PEFT format)."),
+    "eval": ("loraplex.trainer.evaluate", "Score base and tuned model side by side (ROUGE, BLEU, exact match)."),
     "complete": ("loraplex.clients.commands:complete_main", "Send one prompt to a loraplex server."),
     "adapters": ("loraplex.clients.commands:adapters_main", "Register, list, show and delete a server's adapters."),
     "endpoints": ("loraplex.clients.commands:endpoints_main", "Create, update, list and delete a server's endpoints."),
