@@ -1,7 +1,9 @@
 """Token checks for the gRPC port: an API key for inference, an admin token for the Admin API.
 
 Clients send `authorization: Bearer <token>` (or `x-api-key` / `x-admin-token`). Health and
-reflection stay open so probes work without secrets.
+reflection stay open so probes work without secrets. The KServe v2 service follows the same
+rules: its repository RPCs need the admin token, the rest the API key, except the liveness and
+readiness probes.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import grpc
 
 INFERENCE_PREFIX = "/loraplex.v1.Inference/"
 ADMIN_PREFIX = "/loraplex.v1.Admin/"
+KSERVE_PREFIX = "/inference.GRPCInferenceService/"
+KSERVE_ADMIN_PREFIX = KSERVE_PREFIX + "Repository"  # the model-repository extension manages adapters
+KSERVE_PROBES = {KSERVE_PREFIX + "ServerLive", KSERVE_PREFIX + "ServerReady"}  # open, as health is
 
 
 def read_token_file(path: str | None) -> str | None:
@@ -35,16 +40,23 @@ def _presented(metadata, header: str) -> list[str]:
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_key: str | None, admin_token: str | None) -> None:
+        # the first rule whose prefix matches applies
         self.rules = [(INFERENCE_PREFIX, "x-api-key", api_key, "an API key"),
-                      (ADMIN_PREFIX, "x-admin-token", admin_token, "the admin token")]
+                      (ADMIN_PREFIX, "x-admin-token", admin_token, "the admin token"),
+                      (KSERVE_ADMIN_PREFIX, "x-admin-token", admin_token, "the admin token"),
+                      (KSERVE_PREFIX, "x-api-key", api_key, "an API key")]
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
+        if handler is None or details.method in KSERVE_PROBES:
+            return handler
         for prefix, header, secret, what in self.rules:
-            if secret and details.method.startswith(prefix):
-                presented = _presented(details.invocation_metadata, header)
-                if not any(hmac.compare_digest(t.encode(), secret.encode()) for t in presented):
-                    return _refusal(handler, f"{details.method} needs {what} (authorization: Bearer ...)")
+            if details.method.startswith(prefix):
+                if secret:
+                    presented = _presented(details.invocation_metadata, header)
+                    if not any(hmac.compare_digest(t.encode(), secret.encode()) for t in presented):
+                        return _refusal(handler, f"{details.method} needs {what} (authorization: Bearer ...)")
+                break
         return handler
 
 

@@ -1,4 +1,4 @@
-"""`loraplex serve`: the gRPC server (Inference, Admin, health, reflection) and /metrics.
+"""`loraplex serve`: the gRPC server (Inference, Admin, KServe v2, health, reflection) and /metrics.
 
 On start it loads the base model, re-registers every adapter in the store, starts the engine
 thread, then serves. On SIGTERM (or SIGINT) health turns NOT_SERVING, new requests are refused
@@ -77,12 +77,14 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     from loraplex.server.engine.cli_args import engine_config
     from loraplex.server.engine.engine import Engine
     from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+    from loraplex.v1 import kserve_v2_pb2, kserve_v2_pb2_grpc
 
     from .admin_service import AdminService
     from .auth import AuthInterceptor
     from .engine_loop import EngineLoop
     from .generate_request import ServerDefaults
     from .inference_service import InferenceService
+    from .kserve_service import KServeService
     from .metrics import Metrics
     from .metrics_hook import MetricsHook
     from .server_state import ServerState
@@ -113,12 +115,14 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
                ("grpc.max_send_message_length", args.max_message_bytes)]
     server = grpc.aio.server(interceptors=[AuthInterceptor(api_key, admin_token)], options=options)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), server)
+    kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(state, InferenceService(state)), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, args.max_adapter_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                 admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-                health.SERVICE_NAME, reflection.SERVICE_NAME)
+                health.SERVICE_NAME, reflection.SERVICE_NAME,
+                kserve_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
     reflection.enable_server_reflection(services, server)
     address = f"{args.host}:{args.port}"
     if args.tls_cert:
