@@ -9,6 +9,8 @@ Each rank class is served at its own rank: nothing is padded to the batch's larg
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -63,6 +65,31 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> t
 def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor) -> None:
     """xa [n, r], b_pool [S, out, r], y [T, out]: y[row_i] += b_pool[row_slots[i]] @ xa[i]."""
     groups.scatter_add_rows(y, _apply(xa, b_pool, groups))
+
+
+def lora_shrink_fused(
+    x: torch.Tensor, a_pools: Sequence[torch.Tensor], groups: Sequence[TokenGroups]
+) -> list[torch.Tensor]:
+    """Shrink for several problems (slices of a fused projection, rank classes) of one input.
+
+    x [T, in], a_pools[p] [S_p, r_p, in] -> xas[p] [n_p, r_p]:
+        xas[p] = lora_shrink(x, a_pools[p], groups[p])   for every problem p
+    """
+    return [lora_shrink(x, a_pool, g) for a_pool, g in zip(a_pools, groups, strict=True)]
+
+
+def lora_expand_fused(
+    xas: Sequence[torch.Tensor],
+    b_pools: Sequence[torch.Tensor],
+    groups: Sequence[TokenGroups],
+    y: torch.Tensor,
+    cols: Sequence[int],
+) -> None:
+    """Expand several problems into the column slices cols[p] .. cols[p] + out_p of y [T, out_total]:
+        lora_expand(xas[p], b_pools[p], groups[p], y[:, cols[p] : cols[p] + out_p])   for every p
+    """
+    for xa, b_pool, g, col in zip(xas, b_pools, groups, cols, strict=True):
+        lora_expand(xa, b_pool, g, y[:, col : col + b_pool.shape[1]])
 
 
 def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor) -> None:

@@ -46,13 +46,20 @@ class LoraLinear(nn.Module):
         return y
 
     def _add_updates(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType, y: torch.Tensor) -> None:
+        """y += every row's own low-rank update: one fused shrink and one fused expand serve every
+        slice and every rank class of this layer (one launch each on the Triton path)."""
         if lora is None:
             return
-        for name, (col, out) in self.slices.items():
-            for rank, groups in lora.groups.get(name, ()):
+        a_pools, b_pools, groups, cols = [], [], [], []
+        for name, (col, _) in self.slices.items():
+            for rank, g in lora.groups.get(name, ()):
                 a_pool, b_pool = self.pools[name][rank]
-                xa = ops.lora_shrink(x, a_pool, groups)
-                ops.lora_expand(xa, b_pool, groups, y[:, col : col + out] if len(self.slices) > 1 else y)
+                a_pools.append(a_pool)
+                b_pools.append(b_pool)
+                groups.append(g)
+                cols.append(col)
+        if groups:
+            ops.lora_expand_fused(ops.lora_shrink_fused(x, a_pools, groups), b_pools, groups, y, cols)
 
     @property
     def out_features(self) -> int:

@@ -273,3 +273,35 @@ def test_get_lora_ops_triton_on_this_machine():
         assert "triton" in str(exc) and "not available" in str(exc)
     else:
         assert callable(ops.lora_shrink) and callable(ops.lora_expand)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("form", ["decode", "prefill"])
+def test_fused_ops_serve_every_slice_and_rank_class(form, dtype, fused_case):
+    """The fused ops (slices of one output, several rank classes each) against the dense result,
+    the torch path against the reference; rows without adapter are untouched bit for bit."""
+    x, y0, problems, expected, unserved = fused_case(form, dtype, seed=5)
+    groups = [TokenGroups.build(s, n, e) for _, _, s, n, e, _ in problems]
+    a_pools = [p[0] for p in problems]
+    b_pools = [p[1] for p in problems]
+    cols = [p[5] for p in problems]
+    dense_tol, pair_tol = (F32_TOL, F32_TOL) if dtype == torch.float32 else (F16_DENSE_TOL, F16_PAIR_TOL)
+    outs = {}
+    for ops in (lora_torch, lora_reference):
+        y = y0.clone()
+        xas = ops.lora_shrink_fused(x, a_pools, groups)
+        assert [tuple(xa.shape) for xa in xas] == [(g.num_rows, a.shape[1]) for g, a in zip(groups, a_pools)]
+        ops.lora_expand_fused(xas, b_pools, groups, y, cols)
+        torch.testing.assert_close(y.float(), expected, **dense_tol)
+        assert torch.equal(y[unserved], y0[unserved])
+        outs[ops] = y
+    torch.testing.assert_close(outs[lora_torch].float(), outs[lora_reference].float(), **pair_tol)
+
+
+def test_fused_ops_refuse_mismatched_problem_lists():
+    g = TokenGroups.build([0], [2], [0])
+    x, a, b, y = torch.randn(3, 8), torch.randn(1, 4, 8), torch.randn(1, 5, 4), torch.randn(3, 5)
+    with pytest.raises(ValueError):
+        lora_torch.lora_shrink_fused(x, [a, a], [g])
+    with pytest.raises(ValueError):
+        lora_torch.lora_expand_fused([torch.randn(2, 4)], [b], [g], y, [0, 1])

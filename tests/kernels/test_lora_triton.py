@@ -271,12 +271,12 @@ def test_launch_metadata_is_memoised_per_groups_object(triton_device):
     g = TokenGroups.build(starts, lens, slots, triton_device)
     x, a_pool = x.to(triton_device), a_pool.to(triton_device)
     first = lora_triton.lora_shrink(x, a_pool, g)
-    meta = lora_triton._META[id(g)]
+    key = (id(g),)
+    meta = lora_triton._META[key]
     assert meta.rows.tolist() == [0, 2, 3, 7, 9] and meta.seg_starts.tolist() == [0, 1, 2, 3, 4]
-    assert (meta.max_seg_len, meta.max_slot, meta.max_row) == (1, 4, 9)
+    assert (meta.max_seg_len, meta.max_slots, meta.max_rows) == (1, [4], [9])
     assert torch.equal(lora_triton.lora_shrink(x, a_pool, g), first)
-    assert lora_triton._META[id(g)] is meta
-    key = id(g)
+    assert lora_triton._META[key] is meta
     del g
     gc.collect()
     assert key not in lora_triton._META
@@ -330,3 +330,97 @@ def test_bad_arguments_raise_value_error_naming_the_problem(case, triton_device)
         call()
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+# fused problems: every slice and rank class of a layer in one launch ------------------------
+
+
+class _LaunchSpy:
+    """Records (kernel, grid) of every launch while forwarding to the real kernel."""
+
+    def __init__(self, monkeypatch):
+        self.launches: list[tuple[str, tuple]] = []
+        for name in ("_shrink_kernel", "_expand_kernel"):
+            monkeypatch.setattr(lora_triton, name, self._wrap(name, getattr(lora_triton, name)))
+
+    def _wrap(self, name, kernel):
+        spy = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                spy.launches.append((name, tuple(grid)))
+                return kernel[grid]
+
+        return Launcher()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("form", ["decode", "prefill"])
+def test_fused_ops_one_launch_each_match_torch_and_dense(form, dtype, fused_case, monkeypatch, triton_device):
+    """Slices q/k/v of widths 136/40/72, ranks 1 to 128 mixed in one batch (some adapters leave a
+    slice alone), a zero-length segment, rows without adapter: ONE shrink and ONE expand launch."""
+    x, y0, problems, expected, unserved = fused_case(form, dtype, seed=7)
+    dev = triton_device
+    groups = [TokenGroups.build(s, n, e, dev) for _, _, s, n, e, _ in problems]
+    a_pools = [p[0].to(dev) for p in problems]
+    b_pools = [p[1].to(dev) for p in problems]
+    cols = [p[5] for p in problems]
+    spy = _LaunchSpy(monkeypatch)
+    y = y0.to(dev, copy=True)
+    xas = lora_triton.lora_shrink_fused(x.to(dev), a_pools, groups)
+    lora_triton.lora_expand_fused(xas, b_pools, groups, y, cols)
+    y = y.cpu()
+
+    longest = max(max(p[3]) for p in problems)
+    num_segments = sum(len(p[3]) for p in problems)
+    assert len(problems) >= 10 and num_segments > len(problems)
+    m = lora_triton
+    assert spy.launches == [
+        ("_shrink_kernel", (-(-longest // m.SHRINK_BLOCK_M), -(-128 // m.SHRINK_BLOCK_R), num_segments)),
+        ("_expand_kernel", (-(-longest // m.EXPAND_BLOCK_M), -(-136 // m.EXPAND_BLOCK_N), num_segments)),
+    ]
+
+    torch_groups = [TokenGroups.build(s, n, e) for _, _, s, n, e, _ in problems]
+    y_torch = y0.clone()
+    xas_torch = lora_torch.lora_shrink_fused(x, [p[0] for p in problems], torch_groups)
+    lora_torch.lora_expand_fused(xas_torch, [p[1] for p in problems], torch_groups, y_torch, cols)
+    pair_tol, dense_tol = (F32_TOL, F32_TOL) if dtype == torch.float32 else (F16_PAIR_TOL, F16_DENSE_TOL)
+    for xa, xa_torch in zip(xas, xas_torch):
+        torch.testing.assert_close(xa.cpu().float(), xa_torch.float(), **pair_tol)
+    torch.testing.assert_close(y.float(), y_torch.float(), **pair_tol)
+    torch.testing.assert_close(y.float(), expected, **dense_tol)
+    assert torch.equal(y[unserved], y0[unserved])
+
+
+def test_fused_ops_with_one_problem_equal_the_single_ops(triton_device):
+    T, starts, lens, slots = LAYOUTS["prefill_gaps"]
+    x, a_pool, b_pool, y_wide = _operands(T, 72, 40, 17, torch.float32, seed=8)
+    dev = triton_device
+    g = TokenGroups.build(starts, lens, slots, dev)
+    x, a_pool, b_pool = x.to(dev), a_pool.to(dev), b_pool.to(dev)
+    y_single, y_fused = y_wide.to(dev, copy=True), y_wide.to(dev, copy=True)
+    xa = lora_triton.lora_shrink(x, a_pool, g)
+    lora_triton.lora_expand(xa, b_pool, g, y_single[:, 3:43])
+    (xa_fused,) = lora_triton.lora_shrink_fused(x, [a_pool], [g])
+    lora_triton.lora_expand_fused([xa_fused], [b_pool], [g], y_fused, [3])
+    assert torch.equal(xa_fused, xa) and torch.equal(y_fused, y_single)
+
+
+def test_fused_ops_refuse_bad_problem_lists(triton_device):
+    dev = triton_device
+    g = TokenGroups.build([0, 3], [2, 2], [0, 2], dev)
+    x, a, b = torch.randn(6, 72, device=dev), torch.randn(3, 8, 72, device=dev), torch.randn(3, 40, 8, device=dev)
+    xa, y = torch.randn(4, 8, device=dev), torch.randn(6, 100, device=dev)
+    cases = [
+        (lambda: lora_triton.lora_shrink_fused(x, [a, a], [g]), ["a_pools", "2 entries", "groups has 1"]),
+        (lambda: lora_triton.lora_shrink_fused(x, [a, a[:, :, :70]], [g, g]), ["a_pools[1]", "in=70", "in=72"]),
+        (lambda: lora_triton.lora_shrink_fused(x, [a, a[:2]], [g, g]), ["pool entry 2", "a_pools[1]"]),
+        (lambda: lora_triton.lora_expand_fused([xa], [b], [g], y, [61]), ["cols[0]=61", "out=40", "out=100"]),
+        (lambda: lora_triton.lora_expand_fused([xa, xa], [b, b], [g, g], y, [0]), ["cols", "1 entries"]),
+        (lambda: lora_triton.lora_expand_fused([xa[:3]], [b], [g], y, [0]), ["xas[0]", "3 rows", "num_rows=4"]),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError) as info:
+            call()
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
