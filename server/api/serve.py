@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=50051, help="gRPC port (0: pick a free one, printed at start)")
     g.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0: pick one)")
+    g.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API on this port (default off; 0: pick one)")
     g.add_argument("--store", default=os.environ.get("LORAPLEX_STORE", str(Path.home() / ".local/share/loraplex/store")),
                    help="registry directory (SQLite metadata and content-addressed blobs)")
     g.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which calls get RESOURCE_EXHAUSTED")
@@ -132,10 +134,18 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     metrics_port = metrics.serve(args.host, args.metrics_port)
     engine_loop.start()
     await server.start()
+    http_runner, http_note = None, ""
+    if args.http_port is not None:
+        from . import openai_http
+
+        tls = openai_http.tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+        http_runner, http_port = await openai_http.start(
+            openai_http.build_app(state, api_key, args.max_message_bytes), args.host, args.http_port, tls)
+        http_note = f" (OpenAI HTTP on {args.host}:{http_port})"
     for service in ("",) + services[:2]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})",
-          flush=True)
+    print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})"
+          f"{http_note}", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -150,6 +160,8 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     while engine_loop.num_live() and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await server.stop(grace=1.0)
+    if http_runner is not None:
+        await http_runner.cleanup()
     engine_loop.stop()
     store.close()
     return 0

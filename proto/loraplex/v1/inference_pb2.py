@@ -24,35 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\xfc\x01\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\xce\x01\n\x0fGenerateRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0bsoft_prompt\x18\x03 \x01(\t\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.loraplex.v1.ChatH\x00\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"B\n\x08ServedBy\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0bsoft_prompt\x18\x03 \x01(\t\"\xc6\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12(\n\tserved_by\x18\x06 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\"\xaf\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\tserved_by\x18\x02 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\x12\'\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x16.loraplex.v1.TextDeltaH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.loraplex.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"`\n\tStreamEnd\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.loraplex.v1.Usage*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"2\n\x04\x43hat\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\"\xe2\x02\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x0e\n\x01n\x18\x08 \x01(\rH\x06\x88\x01\x01\x12\x15\n\x08logprobs\x18\t \x01(\x08H\x07\x88\x01\x01\x12\x19\n\x0ctop_logprobs\x18\n \x01(\rH\x08\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x04\n\x02_nB\x0b\n\t_logprobsB\x0f\n\r_top_logprobs\"\xce\x01\n\x0fGenerateRequest\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0bsoft_prompt\x18\x03 \x01(\t\x12\x10\n\x06prompt\x18\x04 \x01(\tH\x00\x12!\n\x04\x63hat\x18\x05 \x01(\x0b\x32\x11.loraplex.v1.ChatH\x00\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\x07\n\x05input\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"B\n\x08ServedBy\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0bsoft_prompt\x18\x03 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"o\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12-\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x17.loraplex.v1.TopLogprob\"\xb2\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\x99\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12(\n\tserved_by\x18\x06 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\x12+\n\x08logprobs\x18\x07 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\x12$\n\x07\x63hoices\x18\x08 \x03(\x0b\x32\x13.loraplex.v1.Choice\"\xaf\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\tserved_by\x18\x02 \x01(\x0b\x32\x15.loraplex.v1.ServedBy\x12\'\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x16.loraplex.v1.TextDeltaH\x00\x12%\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x16.loraplex.v1.StreamEndH\x00\x42\x07\n\x05\x65vent\"h\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\r\n\x05index\x18\x03 \x01(\r\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.loraplex.v1.TokenLogprob\"\x93\x01\n\tStreamEnd\x12\x30\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x31\n\x0e\x66inish_reasons\x18\x03 \x03(\x0e\x32\x19.loraplex.v1.FinishReason*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xab\x01\n\tInference\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1256
-  _globals['_FINISHREASON']._serialized_end=1374
+  _globals['_FINISHREASON']._serialized_start=1911
+  _globals['_FINISHREASON']._serialized_end=2029
   _globals['_CHATMESSAGE']._serialized_start=44
   _globals['_CHATMESSAGE']._serialized_end=88
   _globals['_CHAT']._serialized_start=90
   _globals['_CHAT']._serialized_end=140
   _globals['_SAMPLINGPARAMETERS']._serialized_start=143
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=395
-  _globals['_GENERATEREQUEST']._serialized_start=398
-  _globals['_GENERATEREQUEST']._serialized_end=604
-  _globals['_USAGE']._serialized_start=606
-  _globals['_USAGE']._serialized_end=663
-  _globals['_SERVEDBY']._serialized_start=665
-  _globals['_SERVEDBY']._serialized_end=731
-  _globals['_GENERATERESPONSE']._serialized_start=734
-  _globals['_GENERATERESPONSE']._serialized_end=932
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=935
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1110
-  _globals['_TEXTDELTA']._serialized_start=1112
-  _globals['_TEXTDELTA']._serialized_end=1156
-  _globals['_STREAMEND']._serialized_start=1158
-  _globals['_STREAMEND']._serialized_end=1254
-  _globals['_INFERENCE']._serialized_start=1377
-  _globals['_INFERENCE']._serialized_end=1548
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=497
+  _globals['_GENERATEREQUEST']._serialized_start=500
+  _globals['_GENERATEREQUEST']._serialized_end=706
+  _globals['_USAGE']._serialized_start=708
+  _globals['_USAGE']._serialized_end=765
+  _globals['_SERVEDBY']._serialized_start=767
+  _globals['_SERVEDBY']._serialized_end=833
+  _globals['_TOPLOGPROB']._serialized_start=835
+  _globals['_TOPLOGPROB']._serialized_end=897
+  _globals['_TOKENLOGPROB']._serialized_start=899
+  _globals['_TOKENLOGPROB']._serialized_end=1010
+  _globals['_CHOICE']._serialized_start=1013
+  _globals['_CHOICE']._serialized_end=1191
+  _globals['_GENERATERESPONSE']._serialized_start=1194
+  _globals['_GENERATERESPONSE']._serialized_end=1475
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1478
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1653
+  _globals['_TEXTDELTA']._serialized_start=1655
+  _globals['_TEXTDELTA']._serialized_end=1759
+  _globals['_STREAMEND']._serialized_start=1762
+  _globals['_STREAMEND']._serialized_end=1909
+  _globals['_INFERENCE']._serialized_start=2032
+  _globals['_INFERENCE']._serialized_end=2203
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 
-READY = re.compile(r"loraplex serving .* on (?P<host>[\d.]+):(?P<port>\d+) \(metrics on [\d.]+:(?P<metrics>\d+)\)")
+READY = re.compile(r"loraplex serving .* on (?P<host>[\d.]+):(?P<port>\d+) \(metrics on [\d.]+:(?P<metrics>\d+)\)"
+                   r"(?: \(OpenAI HTTP on [\d.]+:(?P<http>\d+)\))?")
 
 
 @dataclass
@@ -35,10 +36,16 @@ class ServerProcess:
     metrics_port: int
     store: Path
     log: Path
+    http_port: int | None = None  # with --http-port
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (`openai.OpenAI(base_url=...)`)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:
@@ -66,7 +73,8 @@ def start_server(model: Path, store: Path, log: Path, *extra: str, timeout: floa
     while time.monotonic() < deadline:
         match = READY.search(log.read_text(errors="replace"))
         if match:
-            return ServerProcess(proc, int(match["port"]), int(match["metrics"]), store, log)
+            http = int(match["http"]) if match["http"] else None
+            return ServerProcess(proc, int(match["port"]), int(match["metrics"]), store, log, http)
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         time.sleep(0.1)

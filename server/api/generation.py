@@ -1,0 +1,99 @@
+"""One request's life on the engine, shared by every front (gRPC, OpenAI HTTP).
+
+`generate` resolves a `GenerateCall` on the one validation path, tokenizes it off the engine's
+thread, submits it (a full queue is RESOURCE_EXHAUSTED at once) and yields the engine's outputs
+until the request is over. Errors are `ApiError`s the front maps to its own codes. Whatever way
+it ends (finished, refused, failed, or the front stops iterating because its client went away)
+the request is freed in the engine and recorded once in the metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from loraplex.adapters_store.errors import StoreError
+from loraplex.server.engine.adapters import AdapterError
+from loraplex.server.engine.engine import RequestError
+from loraplex.server.engine.sequence import RequestOutput
+
+from .engine_loop import QueueFull
+from .generate_request import ApiError, GenerateCall, Resolved, resolve
+from .metrics import UNKNOWN_ENDPOINT
+from .server_state import ServerState
+
+
+async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tuple[Resolved, RequestOutput]]:
+    """Yield (what served the request, each engine output) until the request's last output."""
+    arrival = time.monotonic()
+    endpoint = UNKNOWN_ENDPOINT if call.endpoint else ""  # a label only once the endpoint resolves
+    status, first_token, prompt_tokens = "ok", None, 0
+    generated: dict[int, int] = {}  # completion index -> tokens so far
+    request_id = None  # set while the engine holds the request
+    try:
+        if state.draining:
+            raise ApiError("UNAVAILABLE", "the server is shutting down")
+        try:
+            resolved = resolve(call, state.store, state.defaults)
+        except ApiError:
+            endpoint = _known_endpoint(state, call.endpoint) or endpoint
+            raise
+        endpoint = resolved.endpoint
+        loop = state.engine_loop
+        try:
+            engine_request = await asyncio.to_thread(loop.engine.encode, resolved.request)
+        except (RequestError, ValueError) as exc:
+            raise ApiError("INVALID_ARGUMENT", str(exc)) from None
+        try:
+            outputs = loop.submit(engine_request)
+        except QueueFull as exc:
+            raise ApiError("RESOURCE_EXHAUSTED", str(exc)) from None
+        request_id = resolved.request.request_id
+        while True:
+            item = await outputs.get()
+            if isinstance(item, (RequestError, AdapterError)):
+                request_id = None
+                raise ApiError("INVALID_ARGUMENT", str(item))
+            if isinstance(item, Exception):
+                request_id = None
+                raise ApiError("INTERNAL", f"{type(item).__name__}: {item}")
+            if item.finished:
+                request_id = None
+            if item.error is not None:
+                raise ApiError(item.error_code or "INTERNAL", item.error)
+            if first_token is None and item.token_ids:
+                first_token = time.monotonic()
+            generated[item.index] = item.completion_tokens
+            prompt_tokens = item.prompt_tokens
+            yield resolved, item
+            if item.finished:
+                return
+    except ApiError as exc:
+        status = exc.code.lower()
+        raise
+    except asyncio.CancelledError:
+        status = "cancelled"
+        raise
+    finally:
+        if request_id is not None:  # client cancelled, deadline passed, or an error: free it
+            state.engine_loop.abort(request_id)
+            if status == "ok":
+                status = "cancelled"
+        state.metrics.record_finished(endpoint, status, arrival, first_token, time.monotonic(),
+                                      prompt_tokens, sum(generated.values()))
+
+
+def _known_endpoint(state: ServerState, name: str) -> str | None:
+    """`name` if it is a registered endpoint (only those become metric labels)."""
+    if not name:
+        return None
+    try:
+        state.store.get_endpoint(name)
+    except StoreError:
+        return None
+    return name
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token decoded on its own (special tokens kept, so none becomes an empty string)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
