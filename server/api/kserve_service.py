@@ -110,13 +110,15 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         tasks: set[asyncio.Task] = set()
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(self._stream_one(request, context, out))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.wait(set(tasks))
-            out.put_nowait(done)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._stream_one(request, context, out))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:  # the client closed its side: answer what it sent, then end
+                    await asyncio.wait(set(tasks))
+            finally:
+                out.put_nowait(done)
 
         reader = asyncio.create_task(read())
         try:
