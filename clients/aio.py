@@ -80,13 +80,16 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Completion:
         request = generate_request(
             prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos,
+            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
         )
         return completion(await self._call(self._inference.Generate, request, self._inference_md, timeout))
 
@@ -105,6 +108,9 @@ class AsyncClient:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[StreamEvent]:
@@ -113,7 +119,7 @@ class AsyncClient:
         request = generate_request(
             prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos,
+            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
         )
         return self._stream(request, timeout)
 

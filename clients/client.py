@@ -24,7 +24,8 @@ FINISH_REASONS = {
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_EOS: "eos",
 }
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
+SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs",
+                   "top_logprobs")
 
 
 class LoraplexError(Exception):
@@ -66,6 +67,11 @@ class Completion:
     endpoint: str = ""
     adapter: str = ""  # served "name@version", "" for none
     soft_prompt: str = ""
+    # with logprobs=True: per token {"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}]}
+    logprobs: list[dict] = field(default_factory=list)
+    # with n > 1: every completion as {"index", "text", "token_ids", "finish_reason", "completion_tokens", "logprobs"};
+    # the fields above are completion 0's (usage counts them all)
+    choices: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class StreamEvent:
     finish_reason: str | None = None  # set on the final event only
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    index: int = 0  # which completion a delta belongs to (n > 1)
+    logprobs: list[dict] = field(default_factory=list)  # per token id of a delta, with logprobs=True
+    finish_reasons: list[str] = field(default_factory=list)  # on the final event, by completion index, when n > 1
 
     @property
     def is_final(self) -> bool:
@@ -217,13 +226,19 @@ def finish_reason(value: int) -> str:
     return FINISH_REASONS.get(value, "")
 
 
+def token_logprobs(values: Sequence[inference_pb2.TokenLogprob]) -> list[dict]:
+    return [to_dict(v) for v in values]
+
+
 def completion(response: inference_pb2.GenerateResponse) -> Completion:
+    choices = [dict(to_dict(c), finish_reason=finish_reason(c.finish_reason)) for c in response.choices]
     return Completion(
         text=response.text, token_ids=list(response.token_ids),
         finish_reason=finish_reason(response.finish_reason),
         prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
         request_id=response.request_id, endpoint=response.served_by.endpoint,
         adapter=response.served_by.adapter, soft_prompt=response.served_by.soft_prompt,
+        logprobs=token_logprobs(response.logprobs), choices=choices,
     )
 
 
@@ -232,8 +247,11 @@ def stream_event(response: inference_pb2.GenerateStreamResponse) -> StreamEvent:
     if response.WhichOneof("event") == "end":
         end = response.end
         return StreamEvent(**common, finish_reason=finish_reason(end.finish_reason),
-                           prompt_tokens=end.usage.prompt_tokens, completion_tokens=end.usage.completion_tokens)
-    return StreamEvent(**common, text=response.delta.text, token_ids=list(response.delta.token_ids))
+                           prompt_tokens=end.usage.prompt_tokens, completion_tokens=end.usage.completion_tokens,
+                           finish_reasons=[finish_reason(r) for r in end.finish_reasons])
+    delta = response.delta
+    return StreamEvent(**common, text=delta.text, token_ids=list(delta.token_ids), index=delta.index,
+                       logprobs=token_logprobs(delta.logprobs))
 
 
 # --- channels -------------------------------------------------------------------------------
@@ -315,6 +333,9 @@ class Client:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Completion:
@@ -323,7 +344,7 @@ class Client:
         request = generate_request(
             prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos,
+            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
         )
         return completion(self._call(self._inference.Generate, request, self._inference_md, timeout))
 
@@ -342,6 +363,9 @@ class Client:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         ignore_eos: bool | None = None,
+        n: int | None = None,
+        logprobs: bool | None = None,
+        top_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[StreamEvent]:
@@ -353,7 +377,7 @@ class Client:
         request = generate_request(
             prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos,
+            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
         )
         return self._stream(request, timeout)
 

@@ -172,7 +172,7 @@ def test_streamed_chat_adds_up_and_ends_with_done(server, oai):
 # ----------------------------------------------------------------------------- n and logprobs
 
 
-def test_n_seeded_completions_equal_grpc_n(oai, grpc_generate):
+def test_n_seeded_completions_equal_grpc_n(server, oai, grpc_generate):
     sampling = dict(temperature=1.2, top_p=0.95, seed=42, max_tokens=10)
     got = oai.completions.create(model="sum-lora", prompt=PROMPT, n=3, extra_body={"ignore_eos": True}, **sampling)
     want = grpc_generate(prompt=PROMPT, adapter="sum-lora", sampling=dict(
@@ -181,6 +181,12 @@ def test_n_seeded_completions_equal_grpc_n(oai, grpc_generate):
     assert [c.text for c in got.choices] == [c.text for c in want.choices]
     assert len({c.text for c in got.choices}) > 1
     assert want.text == want.choices[0].text
+    with Client(server.target) as client:  # the Python client's view of the same request
+        done = client.generate(PROMPT, adapter="sum-lora", temperature=1.2, top_p=0.95, seed=42, max_new_tokens=10,
+                               ignore_eos=True, n=3, logprobs=True, top_logprobs=1)
+    assert [c["text"] for c in done.choices] == [c.text for c in got.choices]
+    assert [c["finish_reason"] for c in done.choices] == ["length"] * 3
+    assert [lp["token_id"] for lp in done.logprobs] == done.token_ids and len(done.logprobs[0]["top_logprobs"]) == 1
     assert got.usage.completion_tokens == want.usage.completion_tokens == 30
     streamed = {}
     for chunk in oai.completions.create(model="sum-lora", prompt=PROMPT, n=3, stream=True,
@@ -188,6 +194,22 @@ def test_n_seeded_completions_equal_grpc_n(oai, grpc_generate):
         for c in chunk.choices:
             streamed[c.index] = streamed.get(c.index, "") + c.text
     assert [streamed[i] for i in range(3)] == [c.text for c in got.choices]
+
+
+def test_grpc_stream_carries_the_completion_index_and_each_finish_reason(server, oai):
+    request = pb.GenerateRequest(prompt=PROMPT, adapter="sum-lora", sampling=pb.SamplingParameters(
+        temperature=1.2, seed=7, max_new_tokens=6, ignore_eos=True, n=2, logprobs=True))
+    with grpc.insecure_channel(server.target) as channel:
+        events = list(inference_pb2_grpc.InferenceStub(channel).GenerateStream(request, timeout=60))
+    text = {0: "", 1: ""}
+    for e in events[:-1]:
+        text[e.delta.index] += e.delta.text
+        assert len(e.delta.logprobs) == len(e.delta.token_ids)
+    end = events[-1].end
+    assert list(end.finish_reasons) == [pb.FINISH_REASON_LENGTH] * 2 and end.usage.completion_tokens == 12
+    got = oai.completions.create(model="sum-lora", prompt=PROMPT, n=2, temperature=1.2, seed=7, max_tokens=6,
+                                 extra_body={"ignore_eos": True})
+    assert [text[0], text[1]] == [c.text for c in got.choices]
 
 
 def test_completion_logprobs_equal_grpc_logprobs(oai, grpc_generate):
@@ -293,6 +315,20 @@ def test_http_traffic_moves_the_shared_metrics(server, oai, api):
     assert moved("loraplex_requests_total", endpoint="summarize", status="invalid_argument") == 1
     assert moved("loraplex_generated_tokens_total", endpoint="summarize") == 16
     assert moved("loraplex_time_to_first_token_seconds_count", endpoint="summarize") == 2
+
+
+def test_a_client_leaving_a_stream_frees_its_request(server, api):
+    before = api.metric(api.scrape(server), "loraplex_requests_total", status="cancelled")
+    body = json.dumps({"model": "sum-lora", "prompt": PROMPT, "stream": True, "max_tokens": 240,
+                       "ignore_eos": True}).encode()
+    request = urllib.request.Request(server.http_url + "/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    resp = urllib.request.urlopen(request, timeout=30)
+    assert resp.readline().startswith(b"data: {")
+    resp.close()
+    api.wait_until(lambda: api.metric(api.scrape(server), "loraplex_requests_total", status="cancelled") > before,
+                   timeout=20, what="the stream to be cancelled")
+    assert api.metric(api.scrape(server), "loraplex_running_requests") == 0
 
 
 # ----------------------------------------------------------------------------- auth and queue limit
