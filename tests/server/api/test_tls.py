@@ -50,7 +50,7 @@ def pki(tmp_path_factory):
 def mtls_server(module_server_factory, pki):
     cert, key = pki["server"]
     return module_server_factory("--tls-cert", str(cert), "--tls-key", str(key),
-                                 "--tls-client-ca", str(pki["client_ca"]), name="mtls")
+                                 "--tls-client-ca", str(pki["client_ca"]), "--http-port", "0", name="mtls")
 
 
 def _generate(server, **tls) -> str:
@@ -85,3 +85,22 @@ def test_server_only_tls(module_server_factory, pki):
     with pytest.raises(LoraplexError) as info:
         _generate(server)  # plaintext to a TLS port
     assert info.value.code == "UNAVAILABLE"
+
+
+def test_the_openai_http_port_uses_the_same_tls_and_client_ca(mtls_server, pki):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    def models(client: tuple[Path, Path] | None) -> int:
+        context = ssl.create_default_context(cafile=str(pki["server_ca"]))
+        if client is not None:
+            context.load_cert_chain(str(client[0]), str(client[1]))
+        url = f"https://127.0.0.1:{mtls_server.http_port}/v1/models"
+        with urllib.request.urlopen(url, context=context, timeout=30) as resp:
+            return resp.status
+
+    assert models(pki["client"]) == 200
+    for who in (None, pki["stranger"]):
+        with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+            models(who)
