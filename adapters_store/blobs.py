@@ -28,6 +28,10 @@ class BlobStore:
             raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return self.root / digest
 
+    def local(self, digest: str) -> Path:
+        """The blob's files on this machine: the blob directory itself."""
+        return self.path(digest)
+
     def place(self, staged: Path, digest: str) -> bool:
         """Publish ``staged`` as the blob ``digest``; ``False`` if that blob already existed.
 

@@ -2,12 +2,13 @@
 
 ``code`` is one of :data:`CODES`; the server maps it onto a gRPC status (``invalid`` ->
 INVALID_ARGUMENT, ``not_found`` -> NOT_FOUND, ``already_exists`` -> ALREADY_EXISTS,
-``failed_precondition`` -> FAILED_PRECONDITION). The message is meant for the operator as is.
+``failed_precondition`` -> FAILED_PRECONDITION, ``unavailable`` -> UNAVAILABLE: the shared
+registry database cannot be reached). The message is meant for the operator as is.
 """
 
 from __future__ import annotations
 
-CODES = frozenset({"invalid", "not_found", "already_exists", "failed_precondition"})
+CODES = frozenset({"invalid", "not_found", "already_exists", "failed_precondition", "unavailable"})
 
 
 class StoreError(Exception):

@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +42,9 @@ from .files import copy_files, digest_files, scan_flat_dir, seal
 from .lock import StoreLock
 from .metadata import Metadata, MetadataTx, Row
 from .names import format_ref, parse_ref, validate_name
+from .postgres_metadata import PostgresMetadata, is_postgres_url
 from .records import KINDS, AdapterRecord, EndpointRecord
+from .remote_blobs import RemoteBlobStore
 from .sqlite_metadata import SqliteMetadata
 from .staging import StagingArea
 
@@ -59,17 +65,27 @@ _ENDPOINT_REFS = (
 
 
 class AdapterStore:
-    """A registry rooted at one directory; every method is safe to call from several threads."""
+    """A registry rooted at one directory (SQLite + blobs inside it), or shared by several
+    replicas: metadata in PostgreSQL (``root="postgresql://..."``) and blobs in a shared
+    directory or a bucket (``blobs``). Every method is safe to call from several threads."""
 
-    def __init__(self, root: str | Path, *, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | Path, *, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+                 blobs: str | Path | None = None, cache: Path | None = None) -> None:
         self.max_adapter_bytes = max_adapter_bytes
+        self._lock: StoreLock | None = None
+        if is_postgres_url(str(root)):
+            self._open_shared(str(root), blobs, cache)
+            return
+        if blobs is not None:
+            raise ValueError("--blobs goes with --store postgresql://...; a store directory keeps its blobs inside")
+        self.root = Path(root)
+        self.where = str(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = StoreLock(self.root / "store.lock")
         try:
             exclusive = self._lock.try_exclusive()
             self._staging = StagingArea(self.root / "staging")
-            self._blobs = BlobStore(self.root / "blobs", self._staging)
+            self._blobs: BlobStore | RemoteBlobStore = BlobStore(self.root / "blobs", self._staging)
             self._db: Metadata = SqliteMetadata(self.root / "registry.sqlite3")
         except BaseException:
             self._lock.release()
@@ -82,12 +98,38 @@ class AdapterStore:
             self.close()
             raise
 
+    def _open_shared(self, dsn: str, blobs: str | Path | None, cache: Path | None) -> None:
+        """Several replicas, one registry: PostgreSQL metadata; blobs in a shared directory (each
+        process stages in a directory of its own there) or behind a URL (cached in ``cache``)."""
+        if blobs is None:
+            raise ValueError("--store postgresql://... needs --blobs DIR (a directory every replica mounts) "
+                             "or --blobs s3://bucket/prefix: where the adapter files live")
+        if "://" in str(blobs):
+            cache = Path(cache or Path.home() / ".cache/loraplex/blobs")
+            self._blobs = RemoteBlobStore(str(blobs), cache)
+            self._staging = self._blobs.staging
+        else:
+            shared = Path(blobs)
+            self._staging = StagingArea(shared / "staging" / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            self._blobs = BlobStore(shared / "blobs", self._staging)
+        self._db = PostgresMetadata(dsn)
+        self.root = None
+        self.where = f"{self._db.where} (blobs in {blobs})"
+        try:
+            self._remove_orphans()
+        except BaseException:
+            self.close()
+            raise
+
     # ---------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         """Release the database and the store lock; the object is unusable afterwards."""
         self._db.close()
-        self._lock.release()
+        if self._lock is not None:
+            self._lock.release()
+        elif self.root is None and isinstance(self._blobs, BlobStore):
+            shutil.rmtree(self._staging.root, ignore_errors=True)  # this process's own staging directory
 
     def __enter__(self) -> AdapterStore:
         return self
@@ -106,10 +148,26 @@ class AdapterStore:
         missing = sorted(referenced - self._blobs.digests())
         if leftovers or orphans:
             log.warning("adapter store %s: removed %d staging leftover(s) and %d orphan blob(s) after an "
-                        "interrupted operation", self.root, len(leftovers), len(orphans))
+                        "interrupted operation", self.where, len(leftovers), len(orphans))
         if missing:
             log.error("adapter store %s: blob(s) %s are referenced but missing; those adapters cannot load",
-                      self.root, ", ".join(missing))
+                      self.where, ", ".join(missing))
+
+    def _remove_orphans(self) -> None:
+        """The shared registry's recovery: blobs no row names (a replica died between placing a
+        blob and committing its row) are removed under the write lock, which every publish holds
+        from placing its blob to committing, so no publish in flight can lose its blob."""
+        with self._db.write() as tx:
+            orphans = sorted(self._blobs.digests() - tx.all_digests())
+            for digest in orphans:
+                self._blobs.remove(digest)
+        if orphans:
+            log.warning("adapter store %s: removed %d orphan blob(s) after an interrupted operation",
+                        self.where, len(orphans))
+
+    def local_dir(self, record: AdapterRecord) -> Path:
+        """The record's files on this machine (downloaded once from a bucket if need be)."""
+        return self._blobs.local(record.digest)
 
     # ---------------------------------------------------------------- adapters
 

@@ -117,3 +117,77 @@ def tiny_adapters(tiny_model, tmp_path_factory) -> dict[str, Path]:
         "rs2": build_lora(tiny_model, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=4, use_rslora=True),
         "soft": build_soft_prompt(tiny_model, root / "soft", num_virtual=5, seed=5),
     }
+
+
+# PostgreSQL (the shared registry) ----------------------------------------------------------
+# .ci/run installs Debian's postgresql, starts it and exports LORAPLEX_TEST_POSTGRES (a DSN of
+# a role that may create databases). Without that variable the session starts a private server
+# from the installed binaries in its temporary directory; without either, the tests that need
+# PostgreSQL fail with what to install (they are never skipped).
+
+
+def _postgres_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A DSN (to the `postgres` database) of a running PostgreSQL server whose role may create databases."""
+    import os
+    import socket
+    import subprocess
+
+    dsn = os.environ.get("LORAPLEX_TEST_POSTGRES")
+    if dsn:
+        yield dsn
+        return
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.fail("these tests need PostgreSQL: install Debian's 'postgresql' (.ci/run does) or set "
+                    "LORAPLEX_TEST_POSTGRES=postgresql://user:pass@host:port/postgres")
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="loraplex-pg-"))  # not under pytest's root-only tmp dir
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(["chown", "-R", "postgres", str(root)], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, initdb, "-D", str(data), "-A", "trust", "-U", "loraplex", "--no-sync"],
+                   check=True, capture_output=True)
+    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql://loraplex@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server):
+    """A fresh, empty database on the test server (a postgresql:// URL), dropped afterwards."""
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield urlunsplit(urlsplit(postgres_server)._replace(path=f"/{name}"))
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -88,7 +88,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def _publish(self, context, fn, *args) -> pb.AdapterInfo:
         record = await self._guard(context, fn, *args)
-        await self.state.engine_loop.call(lambda e: e.register_adapter(record.ref, str(record.blob_dir)))
+        local = await asyncio.to_thread(self.state.store.local_dir, record)
+        await self.state.engine_loop.call(lambda e: e.register_adapter(record.ref, str(local)))
         self.state.metrics.registered.inc()
         return await self._info(record)
 
@@ -148,7 +149,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         infos = [await self._info(r) for r in await self._guard(context, self._existing, request.name)]
         deleted = await self._guard(context, self.state.store.delete, request.name)
         for record in deleted:
-            await self.state.engine_loop.call(lambda e, ref=record.ref: e.unregister_adapter(ref))
+            await self.state.engine_loop.call(  # the registry poller may have been first
+                lambda e, ref=record.ref: e.unregister_adapter(ref) if ref in e.slots.registered else None)
             self.state.metrics.registered.dec()
         return pb.DeleteAdapterResponse(deleted=infos)
 

@@ -21,7 +21,7 @@ from loraplex.server.engine.sequence import Request
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs",
                    "top_logprobs")
 STORE_CODES = {"invalid": "INVALID_ARGUMENT", "not_found": "NOT_FOUND", "already_exists": "ALREADY_EXISTS",
-               "failed_precondition": "FAILED_PRECONDITION"}
+               "failed_precondition": "FAILED_PRECONDITION", "unavailable": "UNAVAILABLE"}
 
 
 class ApiError(Exception):

@@ -36,6 +36,12 @@ class MetricsHook:
         while slots.load_seconds:
             m.adapter_load_seconds.observe(slots.load_seconds.pop())
         m.resident.set(len(slots.resident()))
-        running = {s.adapter for s in scheduler.running if s.adapter}
-        waiting = {s.adapter for s in scheduler.waiting if s.adapter}
+        running = _addressable({s.adapter for s in scheduler.running if s.adapter})
+        waiting = _addressable({s.adapter for s in scheduler.waiting if s.adapter})
         m.set_lora_info(sorted(running), sorted(waiting - running), slots.max_loras)
+
+
+def _addressable(refs: set[str]) -> set[str]:
+    """Each engine ref ("sum@2") under both names a request may use ("sum@2" and "sum"), so an
+    adapter-affinity router that compares the request's `model` with these labels finds it."""
+    return refs | {ref.partition("@")[0] for ref in refs}

@@ -30,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible HTTP API on this port (default off; 0: pick one)")
     g.add_argument("--store", default=os.environ.get("LORAPLEX_STORE", str(Path.home() / ".local/share/loraplex/store")),
-                   help="registry directory (SQLite metadata and content-addressed blobs)")
+                   help="registry: a directory (SQLite metadata and content-addressed blobs), or "
+                        "postgresql://user:password@host/db shared by several replicas (with --blobs)")
+    g.add_argument("--blobs", default=os.environ.get("LORAPLEX_BLOBS"),
+                   help="with a postgresql:// store: where adapter files live, a directory every replica "
+                        "mounts or a bucket URL (s3://bucket/prefix; credentials from the usual environment)")
+    g.add_argument("--blob-cache", default=str(Path.home() / ".cache/loraplex/blobs"),
+                   help="local copies of adapters fetched from a --blobs bucket")
+    g.add_argument("--registry-poll-seconds", type=float, default=2.0,
+                   help="how often to pick up adapters other replicas registered or deleted (0: never)")
     g.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which calls get RESOURCE_EXHAUSTED")
     g.add_argument("--admin-token-file", help="require this token (authorization: Bearer ...) on the Admin API")
     g.add_argument("--api-key-file", help="require this key (authorization: Bearer ...) on the Inference API")
@@ -93,8 +101,9 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
 
     try:
         engine = await asyncio.to_thread(Engine, engine_config(args))
-        store = AdapterStore(args.store, max_adapter_bytes=args.max_adapter_bytes)
-    except (ValueError, FileNotFoundError, OSError) as exc:
+        store = AdapterStore(args.store, max_adapter_bytes=args.max_adapter_bytes, blobs=args.blobs,
+                             cache=Path(args.blob_cache))
+    except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _restore_adapters(engine, store)
@@ -142,6 +151,11 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
         http_runner, http_port = await openai_http.start(
             openai_http.build_app(state, api_key, args.max_message_bytes), args.host, args.http_port, tls)
         http_note = f" (OpenAI HTTP on {args.host}:{http_port})"
+    poller = None
+    if args.registry_poll_seconds > 0:
+        from .registry_sync import RegistrySync
+
+        poller = asyncio.create_task(RegistrySync(state, args.registry_poll_seconds).run())
     for service in ("",) + services[:2]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})"
@@ -159,6 +173,8 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     deadline = loop.time() + args.shutdown_grace
     while engine_loop.num_live() and loop.time() < deadline:
         await asyncio.sleep(0.05)
+    if poller is not None:
+        poller.cancel()
     await server.stop(grace=1.0)
     if http_runner is not None:
         await http_runner.cleanup()
@@ -176,7 +192,7 @@ def _restore_adapters(engine, store) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                engine.register_adapter(record.ref, str(record.blob_dir))
+                engine.register_adapter(record.ref, str(store.local_dir(record)))
         except (AdapterError, OSError) as exc:
             log.warning("stored adapter %s is not servable on this model: %s", record.ref, exc)
 

@@ -1,0 +1,76 @@
+"""Keeps this replica's engine in step with the registry, when other processes change it.
+
+Replicas sharing one registry (`--store postgresql://...`, or several servers on one store
+directory) learn of each other's registrations and deletions by polling: every
+`--registry-poll-seconds` the adapter list is read (one short query) and compared with what the
+engine has registered; new versions are registered (their files fetched from a bucket once,
+when blobs live in one) and deleted ones are unregistered (running requests finish first). An
+adapter registered on any replica is therefore servable on every replica within one poll
+interval plus its validation time. Requests resolve names in the registry itself, so endpoints
+(and their switches to a new version) take effect on every replica at once.
+
+A version that does not validate against this replica's base model is reported once and skipped
+until it is deleted, not retried on every poll. A registry that cannot be reached is logged and
+retried on the next poll; the engine keeps serving what it has.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+
+from loraplex.adapters_store.errors import StoreError
+from loraplex.server.engine.adapter_errors import AdapterError
+
+from .server_state import ServerState
+
+log = logging.getLogger("loraplex.registry_sync")
+
+
+class RegistrySync:
+    def __init__(self, state: ServerState, interval_s: float) -> None:
+        self.state = state
+        self.interval_s = interval_s
+        self._refused: set[str] = set()  # refs (name@version) that failed to register here
+        self._unreachable = False
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.sync_once()
+
+    async def sync_once(self) -> None:
+        store, loop = self.state.store, self.state.engine_loop
+        try:
+            records = await asyncio.to_thread(store.list)
+        except StoreError as exc:
+            if not self._unreachable:
+                log.warning("registry poll failed (will retry every %.1f s): %s", self.interval_s, exc)
+            self._unreachable = True
+            return
+        if self._unreachable:
+            log.info("registry reachable again")
+            self._unreachable = False
+        wanted = {r.ref: r for r in records}
+        have = await loop.call(lambda e: set(e.slots.registered))
+        for ref in sorted(have - wanted.keys()):
+            await loop.call(lambda e, ref=ref: e.unregister_adapter(ref) if ref in e.slots.registered else None)
+            log.info("adapter %s was deleted from the registry; unregistered", ref)
+        self._refused &= wanted.keys()
+        for ref in sorted(wanted.keys() - have - self._refused):
+            try:
+                path = await asyncio.to_thread(store.local_dir, wanted[ref])
+                await loop.call(lambda e, ref=ref, path=path: _register(e, ref, str(path)))
+            except (AdapterError, OSError) as exc:
+                self._refused.add(ref)
+                log.warning("adapter %s from the registry is not servable on this replica: %s", ref, exc)
+                continue
+            log.info("adapter %s registered from the shared registry", ref)
+        self.state.metrics.registered.set(len(records))
+
+
+def _register(engine, ref: str, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.register_adapter(ref, path)
