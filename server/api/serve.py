@@ -136,11 +136,16 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
                 kserve_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
     reflection.enable_server_reflection(services, server)
     address = f"{args.host}:{args.port}"
-    if args.tls_cert:
-        port = server.add_secure_port(address, _tls(args))
-    else:
-        port = server.add_insecure_port(address)
-    metrics_port = metrics.serve(args.host, args.metrics_port)
+    try:
+        port = server.add_secure_port(address, _tls(args)) if args.tls_cert else server.add_insecure_port(address)
+    except RuntimeError as exc:
+        print(f"error: cannot listen on {address} for gRPC: {exc}", file=sys.stderr)
+        return 2
+    try:
+        metrics_port = metrics.serve(args.host, args.metrics_port)
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.metrics_port} for metrics: {exc}", file=sys.stderr)
+        return 2
     engine_loop.start()
     await server.start()
     http_runner, http_note = None, ""
@@ -148,8 +153,15 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
         from . import openai_http
 
         tls = openai_http.tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-        http_runner, http_port = await openai_http.start(
-            openai_http.build_app(state, api_key, args.max_message_bytes), args.host, args.http_port, tls)
+        try:
+            http_runner, http_port = await openai_http.start(
+                openai_http.build_app(state, api_key, args.max_message_bytes), args.host, args.http_port, tls)
+        except OSError as exc:
+            print(f"error: cannot listen on {args.host}:{args.http_port} for HTTP: {exc}", file=sys.stderr)
+            await server.stop(grace=None)
+            engine_loop.stop()
+            store.close()
+            return 2
         http_note = f" (OpenAI HTTP on {args.host}:{http_port})"
     poller = None
     if args.registry_poll_seconds > 0:

@@ -267,3 +267,17 @@ def test_gauges_drop_after_a_cancel_without_later_traffic(small_server, api):
     api.wait_until(lambda: api.metric(api.scrape(small_server), "loraplex_running_requests") == 0, timeout=3,
                    what="loraplex_running_requests back to 0")
     assert api.metric(api.scrape(small_server), "loraplex_kv_cache_usage_ratio") == 0
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--metrics-port"])
+def test_a_port_in_use_is_a_clear_start_up_error(server_factory, flag):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match="exited with 2") as info:
+            server_factory(flag, str(port), name=f"busy{flag}")
+    assert f"cannot listen on 127.0.0.1:{port}" in str(info.value)
+    assert "Traceback" not in str(info.value)
