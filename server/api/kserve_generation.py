@@ -16,7 +16,7 @@ from loraplex.v1 import inference_pb2
 from loraplex.v1 import kserve_v2_pb2 as pb
 
 from .generate_request import ApiError
-from .kserve_models import Model
+from .model_names import Model
 from .kserve_tensors import NUMERIC, Tensor, read_inputs
 
 TEXT_INPUT = "text_input"

@@ -19,7 +19,7 @@ from loraplex.server.engine.adapters import AdapterError
 from loraplex.v1 import kserve_v2_pb2 as pb
 
 from .generate_request import ApiError, store_error
-from .kserve_models import Model, find_model
+from .model_names import Model, find_model
 from .server_state import ServerState
 
 UNLOAD_PARAMETERS = {"unload_dependents"}  # tritonclient always sends it; nothing depends on an adapter

@@ -3,7 +3,7 @@
 Unmodified v2 clients (tritonclient.grpc, KServe tooling) check health and metadata, generate
 text with the convention of Triton's LLM backends (kserve_generation), and manage adapter
 residency through the model-repository extension (kserve_repository). A model name is an
-endpoint, an adapter or the base model (kserve_models). Generation goes through the
+endpoint, an adapter or the base model (model_names). Generation goes through the
 loraplex.v1 Inference service itself, so validation, queue limits, cancellation and metrics
 are the same on every front.
 """
@@ -25,8 +25,8 @@ from .admin_service import _version
 from .generate_request import ApiError
 from .inference_service import InferenceService
 from .kserve_generation import INPUTS_METADATA, OUTPUTS_METADATA, TEXT_OUTPUT, TextGeneration, generate_request, parse
-from .kserve_models import PLATFORM, Model, find_model
 from .kserve_tensors import bytes_output
+from .model_names import Model, find_model
 from .server_state import ServerState
 
 FINISH = {inference_pb2.FINISH_REASON_LENGTH: "length", inference_pb2.FINISH_REASON_STOP: "stop",
@@ -35,6 +35,8 @@ EXTENSIONS = ["model_repository"]
 FINAL = "triton_final_response"  # how a decoupled stream marks the last response of a request
 
 log = logging.getLogger(__name__)
+
+PLATFORM = "loraplex"  # ServerMetadata / ModelMetadata platform
 
 
 class StreamFailed(Exception):

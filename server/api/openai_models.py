@@ -6,10 +6,10 @@ the name the server reports. Anything else is NOT_FOUND.
 """
 from __future__ import annotations
 
-from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.store import AdapterStore
 
-from .generate_request import store_error
+from .generate_request import ApiError
+from .model_names import find_model
 from .openai_schema import OpenAIError
 
 OWNER = "loraplex"
@@ -18,24 +18,18 @@ OWNER = "loraplex"
 def resolve_model(store: AdapterStore, base_name: str, model: str) -> dict[str, str]:
     """The GenerateCall fields that `model` stands for ({} for the base model). Blocking: it reads
     the registry."""
-    if "@" not in model:
-        try:
-            store.get_endpoint(model)
-            return {"endpoint": model}
-        except StoreError as exc:
-            if exc.code not in ("not_found", "invalid"):
-                raise store_error(exc) from None
     try:
-        record = store.get(model)
-    except StoreError as exc:
-        if exc.code not in ("not_found", "invalid"):
-            raise store_error(exc) from None
-    else:
-        return {"adapter" if record.kind == "lora" else "soft_prompt": record.ref}
-    if model == base_name:
+        found = find_model(store, base_name, model)
+    except ApiError as exc:
+        if exc.code != "NOT_FOUND":
+            raise
+        raise OpenAIError("NOT_FOUND", f"The model '{model}' does not exist: {exc.message} "
+                                       "(GET /v1/models lists them)", "model") from None
+    if found.kind == "endpoint":
+        return {"endpoint": model}
+    if found.kind == "base":
         return {}
-    raise OpenAIError("NOT_FOUND", f"The model '{model}' does not exist: it is no endpoint, adapter or base model "
-                                   "of this server (GET /v1/models lists them)", "model")
+    return {"adapter" if found.kind == "lora" else "soft_prompt": found.ref}
 
 
 def list_models(store: AdapterStore, base_name: str, started: int) -> list[dict]:

@@ -1,8 +1,9 @@
-"""What a KServe v2 model name means in loraplex.
+"""What a model name means in loraplex, for the fronts that name one thing (OpenAI's `model`,
+KServe v2's model name and version).
 
-A model name resolves as DESIGN.md's "Words" say for a single name: an endpoint first, then an
-adapter (`name`, `name@version`, or `name` plus the protocol's `model_version`), and last the
-base model under the name the server reports (`--model` as given, or the default model's path),
+A name resolves as DESIGN.md's "Words" say for a single name: an endpoint first, then an
+adapter (`name`, `name@version`, or `name` plus KServe's `model_version`), and last the base
+model under the name the server reports (`--model` as given, or the default model's path),
 which generates with no adapter. Endpoints and the base model have no versions.
 """
 from __future__ import annotations
@@ -13,8 +14,6 @@ from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.store import AdapterStore
 
 from .generate_request import ApiError, store_error
-
-PLATFORM = "loraplex"
 
 
 @dataclass(frozen=True)
