@@ -1,7 +1,8 @@
 """The adapter-affinity gauge the endpoint picker reads (deploy/inference-gateway/epp.yaml's
 --lora-info-metric): while requests run, loraplex_lora_requests_info carries exactly one series
-whose labels list the running and the waiting adapters (vLLM's form: comma-separated, sorted,
-each as served, "name@version") and the number of device slots."""
+whose labels list the running and the waiting adapters (vLLM's form: comma-separated, sorted;
+each adapter under both names a request's `model` may use, "name" and "name@version", since the
+picker compares them literally) and the number of device slots."""
 from __future__ import annotations
 
 import threading
@@ -41,7 +42,7 @@ def test_running_and_waiting_adapters_while_requests_run(live_server):
         wait_for_info(live_server, {"running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "2"})
         gamma_stream = long_stream(client, "gamma")
         alpha_stream = long_stream(client, "alpha")
-        wait_for_info(live_server, {"running_lora_adapters": "alpha@1,gamma@1", "waiting_lora_adapters": "",
+        wait_for_info(live_server, {"running_lora_adapters": "alpha,alpha@1,gamma,gamma@1", "waiting_lora_adapters": "",
                                     "max_lora": "2"})
 
         # both slots are held by running streams, so a request for a third adapter waits
@@ -50,13 +51,13 @@ def test_running_and_waiting_adapters_while_requests_run(live_server):
             client.generate("hello world", adapter="beta", max_new_tokens=3, ignore_eos=True)))
         waiter.start()
         try:
-            wait_for_info(live_server, {"running_lora_adapters": "alpha@1,gamma@1", "waiting_lora_adapters": "beta@1",
-                                        "max_lora": "2"})
+            wait_for_info(live_server, {"running_lora_adapters": "alpha,alpha@1,gamma,gamma@1",
+                                        "waiting_lora_adapters": "beta,beta@1", "max_lora": "2"})
             # freeing a slot lets beta run and finish; alpha keeps running
             gamma_stream.close()
             waiter.join(timeout=60)
             assert finished and finished[0].adapter == "beta@1" and finished[0].completion_tokens == 3
-            wait_for_info(live_server, {"running_lora_adapters": "alpha@1", "waiting_lora_adapters": "",
+            wait_for_info(live_server, {"running_lora_adapters": "alpha,alpha@1", "waiting_lora_adapters": "",
                                         "max_lora": "2"})
         finally:
             gamma_stream.close()
