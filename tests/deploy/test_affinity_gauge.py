@@ -8,9 +8,8 @@ from __future__ import annotations
 import threading
 import time
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from loraplex.clients.client import Client
+from prometheus_client.parser import text_string_to_metric_families
 
 INFO = "loraplex_lora_requests_info"
 

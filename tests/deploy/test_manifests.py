@@ -351,5 +351,5 @@ def test_dockerfile_serves_the_ports_the_manifests_use(render, deploy_dir):
     exposed = {int(p) for line in text.splitlines() if line.startswith("EXPOSE") for p in shlex.split(line)[1:]}
     container = _container(render(TRIAL), "loraplex")
     assert exposed == {p["containerPort"] for p in container["ports"]}
-    uid = int(re.search(r"^USER (\d+)", text, re.M)[1])
+    uid = int(re.search(r"^USER (\d+)", text, re.MULTILINE)[1])
     assert _find(render(TRIAL), "Deployment", "loraplex")["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
