@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: prompts, random PEFT adapters for a model, timing helpers."""
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -72,3 +73,51 @@ def machine() -> dict:
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
+
+
+def module_path(layer: int, proj: str) -> str:
+    """PEFT's key prefix of one projection of a Llama-family layer."""
+    block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+    return f"base_model.model.model.layers.{layer}.{block}.{proj}"
+
+
+@functools.lru_cache(maxsize=4)
+def base_shape(model_dir: Path):
+    """The served model's projection shapes (a `BaseModelShape`)."""
+    from loraplex.server.engine.adapters import BaseModelShape
+    from loraplex.server.engine.loader import load_config
+
+    return BaseModelShape.from_hf_config(load_config(model_dir), str(model_dir))
+
+
+def write_lora(model_dir: Path, out: Path, rank: int, targets: list[str] = ATTENTION, seed: int = 0) -> Path:
+    """A PEFT-format LoRA adapter with random weights, written directly (no model is loaded), so
+    that a thousand of them take seconds; `make_adapters` goes through PEFT itself instead."""
+    from safetensors.torch import save_file
+
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    shape = base_shape(model_dir)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(shape.num_layers):
+        for proj in targets:
+            rows, cols = shape.projection_shapes[proj]
+            key = module_path(layer, proj)
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, cols, generator=gen) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.02
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+              "base_model_name_or_path": str(model_dir)}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def write_loras(model_dir: Path, out: Path, count: int, ranks: list[int], targets: list[str] = ATTENTION,
+                seed: int = 0) -> list[Path]:
+    """`count` adapters from `write_lora`, rank i-th of `ranks` (cycling), cached in `out`."""
+    tag = "-".join(t[0] for t in targets)
+    return [write_lora(model_dir, out / f"raw-{i:04d}-r{ranks[i % len(ranks)]}-{tag}", ranks[i % len(ranks)],
+                       targets, seed + i) for i in range(count)]

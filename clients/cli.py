@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "complete": ("loraplex.clients.commands:complete_main", "Send one prompt to a loraplex server."),
     "adapters": ("loraplex.clients.commands:adapters_main", "Register, list, show and delete a server's adapters."),
     "endpoints": ("loraplex.clients.commands:endpoints_main", "Create, update, list and delete a server's endpoints."),
+    "bench": ("loraplex.bench.suite", "Run the benchmark suite against the peers (JSON, markdown, plots)."),
 }
 
 

@@ -1,0 +1,108 @@
+"""`loraplex bench [SCENARIO...] [--out DIR] [--quick]`: the benchmark suite.
+
+Every scenario runs loraplex and, where they exist, its peers in the same run, on the same
+prompts and lengths, with the same dtype (float32) and thread count, and writes
+`<scenario>.json`, `<scenario>.md` and PNG plots into --out; `SUMMARY.md` gathers them with the
+machine, the command and the date. `--docs FILE` also replaces the part of FILE between
+`<!-- bench-suite:start -->` and `<!-- bench-suite:end -->` with that summary.
+
+--quick: the default model (SmolLM2-135M-Instruct) at tiny sizes (a few requests, a few
+tokens, tens of adapters), a few minutes on 2 CPU cores; it checks that the suite works, not
+how fast anything is.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SCENARIOS = {
+    "adapters_per_batch": "loraplex.bench.scenario_adapters_per_batch",
+    "many_adapters": "loraplex.bench.scenario_many_adapters",
+    "adapter_load": "loraplex.bench.scenario_adapter_load",
+    "memory": "loraplex.bench.scenario_memory",
+    "latency": "loraplex.bench.scenario_latency",
+}
+START, END = "<!-- bench-suite:start -->", "<!-- bench-suite:end -->"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraplex bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help=f"any of {', '.join(SCENARIOS)} (default: all)")
+    p.add_argument("--out", default="bench/out/suite", help="directory for results (default: %(default)s)")
+    p.add_argument("--work", help="directory for generated adapters and stores, reused across runs "
+                                  "(default: OUT/../work)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the suite runs (CI)")
+    p.add_argument("--model", help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch threads for every contender (default: %(default)s)")
+    p.add_argument("--docs", help="also write the summary into this markdown file between its markers")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    unknown = [s for s in args.scenarios if s not in SCENARIOS]
+    if unknown:
+        print(f"loraplex bench: unknown scenario {', '.join(map(repr, unknown))}; choose from "
+              f"{', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if args.threads < 1:
+        print("loraplex bench: --threads must be at least 1", file=sys.stderr)
+        return 2
+    docs = Path(args.docs) if args.docs else None
+    if docs and not (docs.is_file() and START in docs.read_text() and END in docs.read_text()):
+        print(f"loraplex bench: --docs {docs} must be a file containing {START} and {END}", file=sys.stderr)
+        return 2
+
+    from loraplex.server.engine.loader import resolve_model
+
+    from .context import BenchContext
+    from .report import write
+    from .summary import summary, update_docs
+
+    out = Path(args.out)
+    ctx = BenchContext(model_dir=resolve_model(args.model), out=out,
+                       work=Path(args.work) if args.work else out.parent / "work", quick=args.quick,
+                       threads=args.threads)
+    command = "loraplex bench " + shlex.join(argv)
+    results, started = [], time.time()
+    for name in args.scenarios or list(SCENARIOS):
+        begin = time.perf_counter()
+        ctx.log(f"scenario {name}")
+        result = importlib.import_module(SCENARIOS[name]).run(ctx)
+        result["seconds"] = time.perf_counter() - begin
+        result["machine"] = machine_info(ctx)
+        write(result, out)
+        results.append(result)
+        ctx.log(f"scenario {name}: {result['seconds']:.0f} s")
+    text = summary(results, command, time.time() - started)
+    (out / "SUMMARY.md").write_text(text)
+    if docs:
+        update_docs(docs, text, START, END)
+    print(text)
+    return 0
+
+
+def machine_info(ctx) -> dict:
+    from .workload import machine
+
+    return {**machine(), "threads": ctx.threads, "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
+            "model": str(ctx.model_dir), "quick": ctx.quick, "gpu": gpu_name()}
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

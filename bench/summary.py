@@ -1,0 +1,33 @@
+"""The suite's summary: machine, command, date, then each scenario's section."""
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+from .report import markdown
+
+
+def summary(results: list[dict], command: str, seconds: float, image_prefix: str = "") -> str:
+    m = results[0]["machine"] if results else {}
+    failed = [c["name"] for r in results for c in r["checks"] if c["passed"] is False]
+    lines = [
+        f"Command: `{command}` ({seconds / 60:.1f} min). Date: {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+        f"Machine: {platform.machine()}, {m.get('cpus')} CPUs, {m.get('threads')} torch threads, "
+        f"GPU: {m.get('gpu') or 'none'}; torch {m.get('torch')}, Python {m.get('python')}; "
+        f"load average at the end {m.get('load_average', 0):.1f}. Model: `{Path(m.get('model', '')).name}`, float32.",
+        "",
+        f"Checks not met: {len(failed)} of {sum(len(r['checks']) for r in results)}.",
+        "",
+    ]
+    for r in results:
+        lines += [markdown(r, image_prefix), ""]
+    return "\n".join(lines)
+
+
+def update_docs(path: Path, text: str, start: str, end: str) -> None:
+    """Replace what lies between the markers in `path`, leaving the rest as it is."""
+    doc = path.read_text()
+    head, _, rest = doc.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
