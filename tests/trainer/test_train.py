@@ -181,3 +181,25 @@ def test_malformed_row_stops_with_its_line_number(tiny_model, task_file, run_tra
 def test_flags_that_do_not_go_together_are_refused(tiny_model, task_file, run_train, tmp_path, capsys, flags, message):
     assert run_train("--model", tiny_model, "--data", task_file, "--out", tmp_path / "o", *flags) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_scores_base_and_tuned_side_by_side(trained, task_file, tiny_model, tmp_path, trainer_data, capsys):
+    from loraplex.trainer.evaluate import main as eval_main
+
+    general = trainer_data.write_jsonl(tmp_path / "general.jsonl",
+                                       [{"prompt": f"hello world {i}", "completion": "hello"} for i in range(4)])
+    out = tmp_path / "report"
+    assert eval_main(["--model", str(tiny_model), "--adapter", str(trained["qlora"]), "--data", str(task_file),
+                      "--general-data", str(general), "--base-shots", "2", "--limit", "6", "--max-new-tokens", "8",
+                      "--out", str(out), "--json"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert report["tuned_kind"] == "lora" and report["tuned_quantize"] == "nf4"  # QLoRA: on its NF4 base
+    assert report["chat"] is True and report["template"] == "flan"  # the adapter's training format
+    task, gen = report["tasks"]["task"], report["tasks"]["general"]
+    assert task["n"] == 6 and set(task["scores"]) == {"base", "base_2shot", "tuned"}
+    assert set(gen["scores"]) == {"base", "tuned"} and gen["n"] == 4
+    for scores in (*task["scores"].values(), *gen["scores"].values()):
+        assert set(scores) == {"rouge1", "rouge2", "rougeL", "bleu", "exact_match", "n"}
+        assert all(0 <= scores[k] <= 100 for k in ("rouge1", "rougeL", "bleu", "exact_match"))
+    assert "| tuned |" in (out / "eval.md").read_text()
