@@ -110,7 +110,7 @@ def run(ctx: BenchContext) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(ctx.threads)
-    new_tokens = ctx.size(8, 32)
+    new_tokens = ctx.size(8, 24)
     repeats = 1  # the whole sweep once; engine_throughput.py times one point in interleaved rounds
     pts = points(ctx)
     max_k = max(k for _, k, _ in pts)
@@ -125,17 +125,19 @@ def run(ctx: BenchContext) -> dict:
     peft = peft_model(ctx, sets)
 
     contenders: dict[tuple, dict[str, Run]] = {}
+    for n in sorted({n for _, _, n in pts}):  # the base-model contenders, once per batch size
+        texts = prompts(n)
+        contenders[("base", 0, n)] = {"loraplex base": loraplex_run(engine, texts, [None] * n, new_tokens),
+                                      "HF generate base": hf_run(hf, tokenizer, texts, new_tokens),
+                                      "matmul ceiling": matmul_ceiling_run(ctx.model_dir, n, new_tokens)}
     for set_name, k, n in pts:
         texts = prompts(n)
         names = names_for(set_name, k, n)
-        c = {"loraplex": loraplex_run(engine, texts, names, new_tokens),
-             "loraplex base": loraplex_run(engine, texts, [None] * n, new_tokens),
-             "HF generate base": hf_run(hf, tokenizer, texts, new_tokens)}
+        c = {"loraplex": loraplex_run(engine, texts, names, new_tokens)}
         if k:
             c["PEFT mixed batch"] = hf_run(peft, tokenizer, texts, new_tokens, adapter_names=names)
             if k <= switch_limit:
                 c["PEFT switching"] = peft_switch_run(peft, tokenizer, texts, names, new_tokens)
-        c["matmul ceiling"] = matmul_ceiling_run(ctx.model_dir, n, new_tokens)
         contenders[(set_name, k, n)] = c
 
     rates = {p: {name: [] for name in c} for p, c in contenders.items()}
@@ -155,7 +157,7 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
     names = ["loraplex", "loraplex base", "HF generate base", "PEFT mixed batch", "PEFT switching", "matmul ceiling"]
     for p in pts:
         set_name, k, n = p
-        r = rates[p]
+        r = {**rates[p], **rates[("base", 0, n)]}
         med = {name: statistics.median(v) if name in r else None for name, v in ((x, r.get(x, [])) for x in names)}
         pr = {
             "loraplex / own base": paired_ratio(r["loraplex"], r["loraplex base"]),
@@ -166,7 +168,7 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
         }
         ratios[f"{set_name} k={k} n={n}"] = pr
         rows.append([set_name, k, n] + [med[x] for x in names] + [pr["loraplex / own base"], pr["loraplex / PEFT mixed"]])
-        o = outputs[p]
+        o = {**outputs[p], **outputs[("base", 0, n)]}
         agree = {"loraplex base = HF base": agreement(o["loraplex base"], o["HF generate base"], eos)}
         if k:
             agree["loraplex = PEFT mixed"] = agreement(o["loraplex"], o["PEFT mixed batch"], eos)
@@ -191,7 +193,7 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
         series[name] = [[p[1], statistics.median(rates[p][name])] for p in pts
                         if p[0] == "r16" and p[1] and name in rates[p]]
     for name in ("loraplex base", "HF generate base", "matmul ceiling"):
-        series[name] = [[p[1], statistics.median(rates[p][name])] for p in pts if p[0] == "r16"]
+        series[name] = [[p[1], statistics.median(rates[("base", 0, p[2])][name])] for p in pts if p[0] == "r16"]
     series["loraplex, ranks 4-64"] = [[p[1], statistics.median(rates[p]["loraplex"])] for p in pts if p[0] == "mixed"]
     return {
         "scenario": "adapters_per_batch",
@@ -203,11 +205,12 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
         "plots": [plot("throughput", "tokens/s against distinct adapters per batch (rank 16 unless noted)",
                        "distinct adapters in the batch", "tokens/s", series, logx=True)],
         "checks": checks,
-        "notes": [f"{new_tokens} new tokens per request (EOS ignored); each point's contenders run back to back "
-                  f"in each of {repeats} round(s); ratios are medians of per-round ratios.",
+        "notes": [f"{new_tokens} new tokens per request (EOS ignored), one round: the base-model contenders "
+                  "(loraplex base, HF generate, matmul ceiling) run once per batch size and every point is "
+                  "divided by them; engine_throughput.py times one point in interleaved rounds.",
                   "The run time includes the prefill, so 'run time / bare matmul time' overstates the decode "
                   "step's overhead a little.",
                   "The 64-request points use 64 distinct adapters; PEFT switching is measured up to "
                   f"{switch_limit} sub-batches (one generate per adapter): beyond that one round takes minutes."],
-        "data": {"rates": {f"{p[0]} k={p[1]} n={p[2]}": rates[p] for p in pts}, "ratios": ratios},
+        "data": {"rates": {f"{p[0]} k={p[1]} n={p[2]}": rates[p] for p in rates}, "ratios": ratios},
     }

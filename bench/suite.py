@@ -4,7 +4,8 @@ Every scenario runs loraplex and, where they exist, its peers in the same run, o
 prompts and lengths, with the same dtype (float32) and thread count, and writes
 `<scenario>.json`, `<scenario>.md` and PNG plots into --out; `SUMMARY.md` gathers them with the
 machine, the command and the date. `--docs FILE` also replaces the part of FILE between
-`<!-- bench-suite:start -->` and `<!-- bench-suite:end -->` with that summary.
+`<!-- bench-suite:start -->` and `<!-- bench-suite:end -->` with that summary, its plots copied into
+FILE's folder under bench/.
 
 --quick: the default model (SmolLM2-135M-Instruct) at tiny sizes (a few requests, a few
 tokens, tens of adapters), a few minutes on 2 CPU cores; it checks that the suite works, not
@@ -16,6 +17,7 @@ import argparse
 import importlib
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         ctx.log(f"scenario {name}: {result['seconds']:.0f} s")
     text = summary(results, command, time.time() - started)
     (out / "SUMMARY.md").write_text(text)
-    if docs:
-        update_docs(docs, text, START, END)
+    if docs:  # the plots go beside the document, in bench/
+        images = docs.parent / "bench"
+        images.mkdir(exist_ok=True)
+        for png in out.glob("*.png"):
+            shutil.copyfile(png, images / png.name)
+        update_docs(docs, summary(results, command, time.time() - started, image_prefix="bench/"), START, END)
     print(text)
     return 0
 
