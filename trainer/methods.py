@@ -38,7 +38,20 @@ def load_base(model_dir: Path, method: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         if not torch.cuda.is_available():
             kwargs["device_map"] = "cpu"
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method == "qlora":
+        keep_float_cpu_kernel(model)
+    return model
+
+
+def keep_float_cpu_kernel(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its bfloat16 CPU kernel. It repacks a
+    layer the first time it runs without gradients (an evaluation pass) and does not unpack it when
+    training resumes, after which training diverges (loss 0.01 -> 13.6 on SmolLM2 right after the
+    first evaluation); the engine keeps the float kernel for the same layers too."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(method: str, opts: MethodOptions, model_dir: Path):

@@ -133,6 +133,22 @@ def test_full_fine_tune_is_a_servable_model(tiny_model, task_file, run_train, tm
     assert got[0].token_ids == expect
 
 
+def test_qlora_training_is_unchanged_by_evaluations_and_checkpoints(tiny_model, task_file, run_train, tmp_path):
+    """A regression test: bitsandbytes repacked 4-bit weights for its CPU inference kernel during the
+    first evaluation and left them packed, so QLoRA training diverged right after it."""
+    losses = {}
+    for save_steps in ("4", "1000"):  # evaluation and checkpoint at step 4, or never
+        out = tmp_path / f"save-{save_steps}"
+        assert run_train("--model", tiny_model, "--data", task_file, "--method", "qlora", "--max-steps", "8",
+                         "--save-steps", save_steps, "--logging-steps", "1", "--lr", "1e-2", "--no-eval",
+                         "--out", out) == 0
+        log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+        losses[save_steps] = [e["loss"] for e in log if e.get("loss") is not None]
+        evaluated_at_4 = any("eval_loss" in e and e.get("step") == 4 for e in log)
+        assert evaluated_at_4 == (save_steps == "4")
+    assert len(losses["4"]) == 8 and losses["4"] == losses["1000"]
+
+
 def test_resume_continues_from_the_last_checkpoint(tiny_model, task_file, run_train, tmp_path, capsys):
     args = ["--model", tiny_model, "--data", task_file, "--method", "lora", "--max-steps", "6", "--save-steps", "3",
             "--logging-steps", "1", "--lr", "1e-2", "--no-eval", "--keep-checkpoints"]
