@@ -40,6 +40,14 @@ def ensure_registered(target: str, adapters: list, prefix: str) -> None:
                 client.register_adapter(f"{prefix}{i}", str(path.resolve()))
 
 
+def pin_all(target: str, n: int, prefix: str) -> None:
+    from loraplex.clients.client import Client
+
+    with Client(target, timeout=120) as client:
+        for i in range(n):
+            client.pin(f"{prefix}{i}")
+
+
 def measure(server, n: int, distribution: str, rate: float, count: int, new_tokens: int, seed: int) -> dict:
     texts = prompts(count)
     arrivals = poisson_arrivals(rate, count, seed)
@@ -75,6 +83,8 @@ def run(ctx: BenchContext) -> dict:
             with start_server(ctx.model_dir, store, log, "--max-loras", str(slots), "--max-cpu-loras", str(slots),
                               "--max-running", "32", threads=ctx.threads) as server:
                 ensure_registered(server.target, adapters[:n], "m")
+                if slots == n:  # the baseline: every adapter already resident, as if long warmed up
+                    pin_all(server.target, n, "m")
                 for distribution in ("uniform", "zipf"):
                     m = measure(server, n, distribution, rate, count, new_tokens, seed=n)
                     runs.append({"adapters": n, "slots": slots, "distribution": distribution, **m})

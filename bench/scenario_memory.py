@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -106,12 +107,11 @@ def cycles(ctx: BenchContext, total: int, warmup: int, every: int) -> list[tuple
 
 
 def slope(points: list[tuple[int, int]], start: int) -> float:
-    """Least-squares growth in bytes per cycle over the points at or after `start`."""
+    """Growth in bytes per cycle over the points at or after `start`: the median of the slopes
+    between consecutive samples, so that one allocator trim (a drop of megabytes) does not hide
+    a steady growth, as it does a least-squares fit."""
     pts = [(x, y) for x, y in points if x >= start]
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-    den = sum((x - mx) ** 2 for x, _ in pts)
-    return sum((x - mx) * (y - my) for x, y in pts) / den if den else 0.0
+    return statistics.median((y2 - y1) / (x2 - x1) for (x1, y1), (x2, y2) in zip(pts, pts[1:]))
 
 
 def run(ctx: BenchContext) -> dict:
@@ -124,6 +124,11 @@ def run(ctx: BenchContext) -> dict:
     total, warmup, every = ctx.size((40, 10, 10), (1000, 200, 25))
     ctx.log(f"memory: {total} register/serve/delete cycles")
     rss = cycles(ctx, total, warmup, every)
+    return result(curves, rss, counts, total, warmup)
+
+
+def result(curves: dict[str, list[dict]], rss: list[tuple[int, int]], counts: list[int], total: int,
+           warmup: int) -> dict:
     growth = slope(rss, warmup) / 1024
     rows, checks = [], []
     for quantize, curve in curves.items():
@@ -145,8 +150,8 @@ def run(ctx: BenchContext) -> dict:
         "tables": [table("per base, after pinning N adapters (fresh process each)",
                          ["base", "adapters", "live tensors MiB", "RSS MiB", "adapters' weights MiB",
                           "tensor growth MiB", "growth ÷ weights"], rows),
-                   table("server VmRSS over register/serve/delete cycles", ["cycle", "RSS MiB"],
-                         [[c, r / 2**20] for c, r in rss])],
+                   table("server VmRSS over register/serve/delete cycles (every sample in the JSON and plot)",
+                         ["cycle", "RSS MiB"], [[c, r / 2**20] for c, r in rss[::max(1, len(rss) // 10)]])],
         "plots": [plot("resident", "live tensor bytes against resident adapters", "resident adapters", "MiB",
                        {q: [[c["adapters"], c["tensor_bytes"] / 2**20] for c in curve] for q, curve in curves.items()}),
                   plot("cycles", "server RSS over register/serve/delete cycles", "cycle", "MiB",
@@ -155,7 +160,10 @@ def run(ctx: BenchContext) -> dict:
         "notes": ["The default model is stored as Q4_1 GGUF: its float weights are already 4-bit-rounded, "
                   "and NF4/int8 quantize a second time.",
                   "The probe keeps one host copy (--max-cpu-loras 1), so growth counts the device pools; "
-                  "pools grow in steps of capacity, so live bytes can step above the weights' bytes."],
+                  "pools grow in steps of capacity, so live bytes can step above the weights' bytes.",
+                  "Growth per cycle is the median slope between consecutive RSS samples (robust to one "
+                  f"allocator trim); between the first and last sample after warm-up RSS moved by "
+                  f"{(rss[-1][1] - next(r for c, r in rss if c >= warmup)) / 1024:,.0f} KB."],
         "data": {"curves": curves, "rss": rss, "slope_kb_per_cycle": growth},
     }
 

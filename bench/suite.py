@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import shlex
 import shutil
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads for every contender (default: %(default)s)")
     p.add_argument("--docs", help="also write the summary into this markdown file between its markers")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rebuild SUMMARY.md (and --docs) from the JSON results already in --out")
     return p
 
 
@@ -76,23 +79,30 @@ def main(argv: list[str] | None = None) -> int:
                        threads=args.threads)
     command = "loraplex bench " + shlex.join(argv)
     results, started = [], time.time()
-    for name in args.scenarios or list(SCENARIOS):
+    if args.report_only:
+        results = [json.loads((out / f"{name}.json").read_text()) for name in args.scenarios or list(SCENARIOS)
+                   if (out / f"{name}.json").is_file()]
+        for result in results:  # markdown and plots again, from the JSON
+            write(result, out)
+    for name in [] if args.report_only else args.scenarios or list(SCENARIOS):
         begin = time.perf_counter()
         ctx.log(f"scenario {name}")
         result = importlib.import_module(SCENARIOS[name]).run(ctx)
         result["seconds"] = time.perf_counter() - begin
+        result["command"] = command
+        result["date"] = time.strftime("%Y-%m-%d %H:%M %Z")
         result["machine"] = machine_info(ctx)
         write(result, out)
         results.append(result)
         ctx.log(f"scenario {name}: {result['seconds']:.0f} s")
-    text = summary(results, command, time.time() - started)
+    text = summary(results)
     (out / "SUMMARY.md").write_text(text)
     if docs:  # the plots go beside the document, in bench/
         images = docs.parent / "bench"
         images.mkdir(exist_ok=True)
         for png in out.glob("*.png"):
             shutil.copyfile(png, images / png.name)
-        update_docs(docs, summary(results, command, time.time() - started, image_prefix="bench/"), START, END)
+        update_docs(docs, summary(results, image_prefix="bench/"), START, END)
     print(text)
     return 0
 

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 
 from .report import markdown
 
 
-def summary(results: list[dict], command: str, seconds: float, image_prefix: str = "") -> str:
+def summary(results: list[dict], image_prefix: str = "") -> str:
+    """Each result carries the command and date that made it (a scenario may be rerun alone)."""
     m = results[0]["machine"] if results else {}
     failed = [c["name"] for r in results for c in r["checks"] if c["passed"] is False]
+    runs: dict[str, list[dict]] = {}
+    for r in results:
+        runs.setdefault(r.get("command", "?"), []).append(r)
     lines = [
-        f"Command: `{command}` ({seconds / 60:.1f} min). Date: {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+        "Commands: " + "; ".join(
+            f"`{cmd}` ({', '.join(r['scenario'] for r in rs)}, {sum(r['seconds'] for r in rs) / 60:.1f} min, "
+            f"{rs[-1].get('date', '?')})" for cmd, rs in runs.items()) + ".",
         f"Machine: {platform.machine()}, {m.get('cpus')} CPUs, {m.get('threads')} torch threads, "
         f"GPU: {m.get('gpu') or 'none'}; torch {m.get('torch')}, Python {m.get('python')}; "
         f"load average at the end {m.get('load_average', 0):.1f}. Model: `{Path(m.get('model', '')).name}`, float32.",
