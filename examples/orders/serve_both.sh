@@ -8,7 +8,7 @@ work="${1:-/tmp/orders}"
 cd "$work"
 lp="${LORAPLEX:-$here/../../.venv/bin/loraplex}"
 port=50071
-rm -rf store
+rm -rf store && : > serve.log
 "$lp" serve --store store --port "$port" --metrics-port 0 --threads 2 > serve.log 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
