@@ -20,7 +20,7 @@ from pathlib import Path
 from .context import BenchContext
 from .load_generator import Spec, run as send
 from .report import check, plot, table
-from .server_process import start_server
+from .server_process import ensure_registered, start_server
 from .workload import ATTENTION, prompts, write_loras
 
 RANKS = [8, 16, 64]
@@ -88,8 +88,6 @@ def stalls(ctx: BenchContext, counts: list[int], stream_tokens: int, streams: in
     out = []
     with start_server(ctx.model_dir, ctx.work / "store-load", log, "--max-loras", str(max(counts) + 1),
                       "--max-running", str(streams + max(counts)), threads=ctx.threads) as server:
-        from .scenario_many_adapters import ensure_registered
-
         ensure_registered(server.target, adapters, "s")
         used = 0
         for n in counts:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from .context import BenchContext
 from .load_generator import Spec, poisson_arrivals, run as send, summarize
 from .report import check, plot, table
-from .scenario_many_adapters import ensure_registered
 from .server_metrics import Window
-from .server_process import start_server
+from .server_process import ensure_registered, start_server
 from .workload import ATTENTION, prompts, write_loras
 
 REJECT_WITHIN = 1.0  # seconds: a refused request must be answered this fast

@@ -15,7 +15,7 @@ from .context import BenchContext
 from .load_generator import Spec, poisson_arrivals, run as send, summarize
 from .report import check, plot, table
 from .server_metrics import Window
-from .server_process import start_server
+from .server_process import ensure_registered, pin_all, start_server
 from .workload import prompts, write_loras
 
 TARGETS = ["q_proj", "v_proj"]
@@ -27,25 +27,6 @@ def picks(distribution: str, n: int, count: int, seed: int) -> list[int]:
         return [rng.randrange(n) for _ in range(count)]
     weights = [1.0 / (i + 1) for i in range(n)]
     return rng.choices(range(n), weights=weights, k=count)
-
-
-def ensure_registered(target: str, adapters: list, prefix: str) -> None:
-    """Register (by server path) whichever of `adapters` the store does not hold yet."""
-    from loraplex.clients.client import Client
-
-    with Client(target, timeout=120) as client:
-        have = {a["name"] for a in client.list_adapters()}
-        for i, path in enumerate(adapters):
-            if f"{prefix}{i}" not in have:
-                client.register_adapter(f"{prefix}{i}", str(path.resolve()))
-
-
-def pin_all(target: str, n: int, prefix: str) -> None:
-    from loraplex.clients.client import Client
-
-    with Client(target, timeout=120) as client:
-        for i in range(n):
-            client.pin(f"{prefix}{i}")
 
 
 def measure(server, n: int, distribution: str, rate: float, count: int, new_tokens: int, seed: int) -> dict:

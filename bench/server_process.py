@@ -1,4 +1,5 @@
-"""A `loraplex serve` process for the benchmarks: started on free ports, scraped, measured, stopped."""
+"""A `loraplex serve` process for the benchmarks (started on free ports, scraped, measured, stopped),
+and the Admin calls the scenarios share: register adapters by server path, pin them."""
 from __future__ import annotations
 
 import os
@@ -74,3 +75,22 @@ def start_server(model: Path, store: Path, log: Path, *extra: str, threads: int,
     proc.kill()
     proc.wait()
     raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def ensure_registered(target: str, adapters: list, prefix: str) -> None:
+    """Register (by server path) whichever of `adapters` the store does not hold yet."""
+    from loraplex.clients.client import Client
+
+    with Client(target, timeout=120) as client:
+        have = {a["name"] for a in client.list_adapters()}
+        for i, path in enumerate(adapters):
+            if f"{prefix}{i}" not in have:
+                client.register_adapter(f"{prefix}{i}", str(path.resolve()))
+
+
+def pin_all(target: str, n: int, prefix: str) -> None:
+    from loraplex.clients.client import Client
+
+    with Client(target, timeout=120) as client:
+        for i in range(n):
+            client.pin(f"{prefix}{i}")
