@@ -5,6 +5,10 @@
 - `max_loras` device slots hold adapters in the model's rank pools. A slot is reference-counted
   by the running sequences that use it; only unreferenced, unpinned slots are evicted, least
   recently used first. An adapter is loaded into a slot on demand.
+- Reading an adapter's files (disk -> host) happens on a background thread: the scheduler asks
+  `ready(name)` before admitting a request, which starts the read and keeps the request waiting
+  until it is done, so the engine thread only does the short copy into a slot and running
+  streams do not stall while adapters load.
 - Soft prompts are small: once registered they stay on the device.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +58,8 @@ class AdapterSlots:
         self.registered: dict[str, Registered] = {}
         self.soft_prompts: dict[str, SoftPrompt] = {}
         self._host: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._reading: dict[str, tuple[str, Future]] = {}  # name -> (path, its background read)
+        self._reader: ThreadPoolExecutor | None = None
         self._slot_of: dict[str, int] = {}
         self._name_in: list[str | None] = [None] * max_loras
         self._refs = [0] * max_loras
@@ -89,6 +96,7 @@ class AdapterSlots:
 
     def _drop(self, name: str) -> None:
         self._host.pop(name, None)
+        self._reading.pop(name, None)  # a read in flight finishes unseen
         self.pinned.discard(name)
         slot = self._slot_of.get(name)
         if slot is not None and self._refs[slot] == 0:
@@ -129,6 +137,36 @@ class AdapterSlots:
             self._lru.pop(slot, None)
         self._refs[slot] += 1
         return slot
+
+    def ready(self, name: str) -> bool:
+        """Whether `acquire(name)` can run without reading files on the calling thread: the adapter
+        is resident or host-cached, or its background read has finished (even with an error, which
+        `acquire` then raises). Otherwise starts that read, if it is not running yet."""
+        entry = self.registered.get(name)
+        if name in self._slot_of or name in self._host or entry is None or entry.kind != "lora":
+            return True
+        pending = self._reading.get(name)
+        if pending is None or pending[0] != entry.path:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read")
+            future = self._reader.submit(load_adapter, entry.path, name, self.base, self.max_rank, self.dtype)
+            self._reading[name] = (entry.path, future)
+            return False
+        return pending[1].done()
+
+    def read_ahead(self, names: list[str]) -> None:
+        """Start reading these adapters' files in the background and wait for all of them:
+        for offline workloads that should start as one batch."""
+        for name in set(names):
+            self.ready(name)
+        wait([future for _, future in self._reading.values()])
+
+    def wait_for_reads(self, timeout: float) -> None:
+        """Block until a background read finishes (or `timeout` seconds): for an engine with nothing
+        else to run."""
+        pending = [future for _, future in self._reading.values()]
+        if pending:
+            wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
 
     def release(self, slot: int) -> None:
         self._refs[slot] -= 1
@@ -182,7 +220,11 @@ class AdapterSlots:
         adapter = self._host.get(name)
         if adapter is None:
             entry = self.registered[name]
-            adapter = load_adapter(entry.path, name, self.base, self.max_rank, self.dtype)
+            pending = self._reading.pop(name, None)
+            if pending is not None and pending[0] == entry.path:
+                adapter = pending[1].result()  # raises what the read raised
+            else:
+                adapter = load_adapter(entry.path, name, self.base, self.max_rank, self.dtype)
             self._host[name] = adapter
             while len(self._host) > self.max_cpu_loras:
                 self._host.popitem(last=False)

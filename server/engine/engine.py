@@ -268,6 +268,8 @@ class Engine:
         outputs = [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
         seqs = [s for s in seqs if s.status is not Status.FINISHED]  # a sibling failed: the request is over
         if not seqs:
+            if not outputs:  # only adapters being read: wait for one rather than spin
+                self.slots.wait_for_reads(timeout=0.05)
             return outputs
         if self.merge_policy.dynamic:
             self._follow_merge_policy(self.scheduler.running)
@@ -378,6 +380,8 @@ class Engine:
             completions = [Completion(request_id, prompt_tokens=len(s.prompt_ids), index=s.index) for s in group]
             results += completions
             by_id[request_id] = completions
+        # the whole workload is known: read its adapters first, so it starts as one mixed batch
+        self.slots.read_ahead([r.adapter for r in requests if r.adapter])
         while self.has_unfinished():
             for out in self.step():
                 completions = by_id.get(out.request_id)

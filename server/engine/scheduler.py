@@ -57,6 +57,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if seq.adapter is not None:
+                if not self.slots.ready(seq.adapter):  # its files are being read in the background
+                    passed_over.append(seq)
+                    continue
                 try:
                     slot = self.slots.acquire(seq.adapter)
                 except (AdapterError, OSError) as exc:

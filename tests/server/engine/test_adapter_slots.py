@@ -405,3 +405,38 @@ def test_request_for_an_unpinned_adapter_when_all_slots_are_pinned_terminates(en
         if not engine.has_unfinished():
             break
     assert finished == {"lora", "base"}  # each completes or fails with an error; none hangs
+
+
+def test_adapter_files_are_read_off_the_engine_thread_while_others_run(tiny_model, tiny_adapters, monkeypatch):
+    """A request whose adapter is not in memory waits while its files are read on the background
+    reader thread; the running sequences keep decoding every step meanwhile. (The real reader is
+    held on a gate here, standing in for slow storage.)"""
+    import threading
+
+    engine = _engine(tiny_model, {"attn4": tiny_adapters["attn4"]})
+    gate, readers = threading.Event(), []
+    real_load = adapter_slots_module.load_adapter
+
+    def slow_load(*args, **kwargs):
+        readers.append(threading.current_thread().name)
+        assert gate.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_slots_module, "load_adapter", slow_load)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    engine.add_request(Request(prompt_token_ids=[5, 17, 42], params=params, request_id="base"))
+    engine.step()  # the base request's prefill
+    lora = Request(prompt_token_ids=[7, 8, 9], adapter="attn4", request_id="lora",
+                   params=SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.add_request(lora)
+    for _ in range(5):
+        outputs = engine.step()
+        assert [o.request_id for o in outputs] == ["base"]  # decoding on; "lora" waits for its read
+    assert readers == [readers[0]] and readers[0].startswith("adapter-read")
+    assert [s.request_id for s in engine.scheduler.waiting] == ["lora"]
+    gate.set()
+    tokens: list[int] = []
+    while engine.has_unfinished():
+        tokens += [t for o in engine.step() if o.request_id == "lora" for t in o.token_ids]
+    alone = _engine(tiny_model, {"attn4": tiny_adapters["attn4"]}).generate([lora])[0]
+    assert tokens == alone.token_ids and len(tokens) == 3

@@ -237,6 +237,9 @@ def test_preemption_recomputes_lora_and_soft_prompt_sequences(tiny_model, tiny_a
     # 12 new tokens need 22-27 slots each, 146 in all: some must be preempted and recomputed.
     engine = make_engine(tiny_model, tiny_adapters, block_size=4, max_total_tokens=64)
     mix = [(None, None), ("attn4", None), ("mlp8", None), ("rs2", None), (None, "soft"), ("all16", "soft")]
+    for name in ("attn4", "mlp8", "rs2", "all16"):  # resident already, so no request waits for a read
+        engine.slots.pin(name)
+        engine.slots.unpin(name)
     requests = [req(i, a, s, new=12, rid=f"p{i}") for i, (a, s) in enumerate(mix)]
     # the newest is sampled with a seed: recomputing its prefix must not consume its random stream
     requests[5].params = SamplingParams(max_new_tokens=12, ignore_eos=True, temperature=0.8, top_k=40, seed=99)
@@ -564,8 +567,10 @@ def test_abort_frees_blocks_and_slots(tiny_model, tiny_adapters, solo_cache):
     running = d.add(req(0, "attn4", new=30, rid="run-attn4"))
     keep = d.add(req(1, "mlp8", new=10, rid="keep-mlp8"))
     waiting = d.add(req(2, "all16", "soft", new=10, rid="wait-all16"))
-    d.step()
-    d.step()
+    for _ in range(100):  # until both adapters' files are read (in the background) and admitted
+        d.step()
+        if len(engine.scheduler.running) == 2:
+            break
     assert {s.request_id for s in engine.scheduler.running} == {running, keep}
     assert [s.request_id for s in engine.scheduler.waiting] == [waiting]
     used = engine.blocks.num_blocks - engine.blocks.num_free
