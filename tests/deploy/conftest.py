@@ -8,22 +8,15 @@ a stream can still run while a test scrapes).
 """
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-READY = re.compile(r"loraplex serving .* on [\d.]+:(?P<port>\d+) \(metrics on [\d.]+:(?P<metrics>\d+)\)")
 MAX_LORAS = 2  # the server below keeps two adapters on the device, so a third one waits
 
 
@@ -63,22 +56,6 @@ def render(kubectl):
     return _render
 
 
-@dataclass
-class LiveServer:
-    proc: subprocess.Popen
-    port: int
-    metrics_port: int
-    log: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def scrape(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as resp:
-            return resp.read().decode("utf-8")
-
-
 @pytest.fixture(scope="session")
 def long_tiny_model(tmp_path_factory, builders) -> Path:
     """`tiny_model`'s weights (same seed and shapes) with a 2048-token context."""
@@ -88,33 +65,14 @@ def long_tiny_model(tmp_path_factory, builders) -> Path:
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory, long_tiny_model, tiny_adapters):
     """A `loraplex serve` on the tiny model with --max-loras 2 and three LoRAs registered
-    as alpha, beta and gamma (each at version 1)."""
+    as alpha, beta and gamma (each at version 1); `.metrics()` scrapes it."""
+    from loraplex.bench.server_process import start_server
     from loraplex.clients.client import Client
 
     root = tmp_path_factory.mktemp("deploy-server")
-    log = root / "server.log"
-    cmd = [sys.executable, "-m", "loraplex.clients.cli", "serve", "--model", str(long_tiny_model),
-           "--store", str(root / "store"), "--port", "0", "--metrics-port", "0", "--block-size", "4",
-           "--max-total-tokens", "8192", "--threads", "1", "--max-loras", str(MAX_LORAS)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=root,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while not (match := READY.search(log.read_text(errors="replace"))):
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}"
-            assert time.monotonic() < deadline, f"server not ready:\n{log.read_text(errors='replace')}"
-            time.sleep(0.1)
-        server = LiveServer(proc, int(match["port"]), int(match["metrics"]), log)
+    with start_server(long_tiny_model, root / "store", root / "server.log", "--block-size", "4",
+                      "--max-total-tokens", "8192", "--max-loras", str(MAX_LORAS), threads=1, timeout=120) as server:
         with Client(server.target, timeout=60) as client:
             for name, adapter in (("alpha", "attn4"), ("beta", "mlp8"), ("gamma", "rs2")):
                 client.register_adapter(name, str(tiny_adapters[adapter]))
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()

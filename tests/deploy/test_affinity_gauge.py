@@ -21,7 +21,7 @@ def lora_info(text: str) -> list[dict[str, str]]:
 def wait_for_info(server, expected: dict[str, str], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        seen = lora_info(server.scrape())
+        seen = lora_info(server.metrics())
         if seen == [expected]:
             return
         assert time.monotonic() < deadline, f"{INFO}: wanted {[expected]}, last scrape {seen}"

@@ -180,7 +180,7 @@ def test_every_referenced_metric_is_exported(live_server, monitoring, dashboard,
     with Client(live_server.target, timeout=60) as client:
         client.generate("hello world", max_new_tokens=3, ignore_eos=True)
         client.generate("the quick brown fox", adapter="alpha", max_new_tokens=3, ignore_eos=True)
-    text = live_server.scrape()
+    text = live_server.metrics()
     exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
     referenced = _referenced_names(monitoring, dashboard, render)
     assert referenced["endpoint picker flags"] == {"loraplex_queue_depth", "loraplex_kv_cache_usage_ratio",
