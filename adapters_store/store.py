@@ -92,7 +92,7 @@ class AdapterStore:
             raise
         try:
             if exclusive:
-                self._recover()
+                self._recover(clear_staging=True)
             self._lock.share()
         except BaseException:
             self.close()
@@ -116,7 +116,7 @@ class AdapterStore:
         self.root = None
         self.where = f"{self._db.where} (blobs in {blobs})"
         try:
-            self._remove_orphans()
+            self._recover(clear_staging=False)  # other replicas may be mid-registration
         except BaseException:
             self.close()
             raise
@@ -137,33 +137,25 @@ class AdapterStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _recover(self) -> None:
-        """Undo what a crash mid-registration or mid-delete may have left behind."""
-        leftovers = self._staging.clear()
-        with self._db.read() as tx:
+    def _recover(self, clear_staging: bool) -> None:
+        """Undo what a crash mid-registration or mid-delete may have left behind: staging leftovers
+        (only when nobody else can be mid-registration) and blobs no row names. Orphans are removed
+        under the write lock, which every publish holds from placing its blob to committing its
+        row, so no publish in flight, on any replica, can lose its blob."""
+        leftovers = self._staging.clear() if clear_staging else []
+        with self._db.write() as tx:
             referenced = tx.all_digests()
-        orphans = sorted(self._blobs.digests() - referenced)
-        for digest in orphans:
-            self._blobs.remove(digest)
-        missing = sorted(referenced - self._blobs.digests())
+            present = self._blobs.digests()
+            orphans = sorted(present - referenced)
+            for digest in orphans:
+                self._blobs.remove(digest)
+        missing = sorted(referenced - present)
         if leftovers or orphans:
             log.warning("adapter store %s: removed %d staging leftover(s) and %d orphan blob(s) after an "
                         "interrupted operation", self.where, len(leftovers), len(orphans))
         if missing:
             log.error("adapter store %s: blob(s) %s are referenced but missing; those adapters cannot load",
                       self.where, ", ".join(missing))
-
-    def _remove_orphans(self) -> None:
-        """The shared registry's recovery: blobs no row names (a replica died between placing a
-        blob and committing its row) are removed under the write lock, which every publish holds
-        from placing its blob to committing, so no publish in flight can lose its blob."""
-        with self._db.write() as tx:
-            orphans = sorted(self._blobs.digests() - tx.all_digests())
-            for digest in orphans:
-                self._blobs.remove(digest)
-        if orphans:
-            log.warning("adapter store %s: removed %d orphan blob(s) after an interrupted operation",
-                        self.where, len(orphans))
 
     def local_dir(self, record: AdapterRecord) -> Path:
         """The record's files on this machine (downloaded once from a bucket if need be)."""
