@@ -149,8 +149,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         infos = [await self._info(r) for r in await self._guard(context, self._existing, request.name)]
         deleted = await self._guard(context, self.state.store.delete, request.name)
         for record in deleted:
-            await self.state.engine_loop.call(  # the registry poller may have been first
-                lambda e, ref=record.ref: e.unregister_adapter(ref) if ref in e.slots.registered else None)
+            await self.state.engine_loop.call(lambda e, ref=record.ref: e.unregister_adapter(ref, missing_ok=True))
             self.state.metrics.registered.dec()
         return pb.DeleteAdapterResponse(deleted=infos)
 

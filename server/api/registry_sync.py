@@ -9,8 +9,9 @@ adapter registered on any replica is therefore servable on every replica within 
 interval plus its validation time. Requests resolve names in the registry itself, so endpoints
 (and their switches to a new version) take effect on every replica at once.
 
-A version that does not validate against this replica's base model is reported once and skipped
-until it is deleted, not retried on every poll. A registry that cannot be reached is logged and
+A version that does not validate against this replica's base model is reported once (at start-up
+by `restore_adapters`, or at the poll that first sees it) and skipped until it is deleted, not
+retried on every poll. A registry that cannot be reached is logged and
 retried on the next poll; the engine keeps serving what it has.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import warnings
 
 from loraplex.adapters_store.errors import StoreError
+from loraplex.adapters_store.store import AdapterStore
 from loraplex.server.engine.adapter_errors import AdapterError
 
 from .server_state import ServerState
@@ -27,11 +29,26 @@ from .server_state import ServerState
 log = logging.getLogger("loraplex.registry_sync")
 
 
+def restore_adapters(engine, store: AdapterStore) -> set[str]:
+    """Register every stored adapter version with the engine before serving starts (directly: the
+    engine loop is not running yet). Returns the refs not servable on this base model, each
+    reported once; the poller then leaves them alone."""
+    refused: set[str] = set()
+    for record in store.list():
+        try:
+            _register(engine, record.ref, str(store.local_dir(record)))
+        except (AdapterError, OSError) as exc:
+            refused.add(record.ref)
+            _report_refused(record.ref, exc)
+    return refused
+
+
 class RegistrySync:
-    def __init__(self, state: ServerState, interval_s: float) -> None:
+    def __init__(self, state: ServerState, interval_s: float, refused: set[str] = frozenset()) -> None:
+        """`refused`: refs already found not servable here (see `restore_adapters`)."""
         self.state = state
         self.interval_s = interval_s
-        self._refused: set[str] = set()  # refs (name@version) that failed to register here
+        self._refused: set[str] = set(refused)  # refs (name@version) that failed to register here
         self._unreachable = False
 
     async def run(self) -> None:
@@ -55,7 +72,7 @@ class RegistrySync:
         wanted = {r.ref: r for r in records}
         have = await loop.call(lambda e: set(e.slots.registered))
         for ref in sorted(have - wanted.keys()):
-            await loop.call(lambda e, ref=ref: e.unregister_adapter(ref) if ref in e.slots.registered else None)
+            await loop.call(lambda e, ref=ref: e.unregister_adapter(ref, missing_ok=True))
             log.info("adapter %s was deleted from the registry; unregistered", ref)
         self._refused &= wanted.keys()
         for ref in sorted(wanted.keys() - have - self._refused):
@@ -64,10 +81,14 @@ class RegistrySync:
                 await loop.call(lambda e, ref=ref, path=path: _register(e, ref, str(path)))
             except (AdapterError, OSError) as exc:
                 self._refused.add(ref)
-                log.warning("adapter %s from the registry is not servable on this replica: %s", ref, exc)
+                _report_refused(ref, exc)
                 continue
             log.info("adapter %s registered from the shared registry", ref)
         self.state.metrics.registered.set(len(records))
+
+
+def _report_refused(ref: str, exc: Exception) -> None:
+    log.warning("stored adapter %s is not servable on this model: %s", ref, exc)
 
 
 def _register(engine, ref: str, path: str) -> None:

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 log = logging.getLogger("loraplex.serve")
@@ -97,6 +96,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     from .kserve_service import KServeService
     from .metrics import Metrics
     from .metrics_hook import MetricsHook
+    from .registry_sync import RegistrySync, restore_adapters
     from .server_state import ServerState
 
     try:
@@ -106,7 +106,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    _restore_adapters(engine, store)
+    refused = restore_adapters(engine, store)
     if args.merge:
         try:
             ref = store.get(args.merge).ref
@@ -165,9 +165,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
         http_note = f" (OpenAI HTTP on {args.host}:{http_port})"
     poller = None
     if args.registry_poll_seconds > 0:
-        from .registry_sync import RegistrySync
-
-        poller = asyncio.create_task(RegistrySync(state, args.registry_poll_seconds).run())
+        poller = asyncio.create_task(RegistrySync(state, args.registry_poll_seconds, refused).run())
     for service in ("",) + services[:2]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})"
@@ -193,20 +191,6 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     engine_loop.stop()
     store.close()
     return 0
-
-
-def _restore_adapters(engine, store) -> None:
-    """Register every stored adapter version with the engine (a version that no longer validates
-    against this base model is skipped with a warning, not fatal)."""
-    from loraplex.server.engine.adapters import AdapterError
-
-    for record in store.list():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                engine.register_adapter(record.ref, str(store.local_dir(record)))
-        except (AdapterError, OSError) as exc:
-            log.warning("stored adapter %s is not servable on this model: %s", record.ref, exc)
 
 
 def _tls(args: argparse.Namespace):

@@ -108,7 +108,11 @@ class Engine:
         """Validate and register a PEFT adapter (LoRA or soft prompt); raises AdapterError."""
         return self.slots.register(name, path)
 
-    def unregister_adapter(self, name: str) -> None:
+    def unregister_adapter(self, name: str, missing_ok: bool = False) -> None:
+        """Forget `name` (running sequences finish on it first); KeyError if it is not registered,
+        unless `missing_ok` (another path, such as the registry poller, may have been first)."""
+        if missing_ok and name not in self.slots.registered:
+            return
         if name == self.merged:
             self.unmerge_adapter()
             if self.merge_policy.static == name:
