@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .context import BenchContext
-from .engine_throughput import agreement, hf_run, matmul_ceiling_run, paired_ratio
+from .engine_throughput import CEILING_ONEDNN, CEILING_TORCH, agreement, ceiling_rates, ceiling_runs, hf_run, paired_ratio
 from .report import check, plot, table
 from .workload import ATTENTION, Timer, prompts, write_loras
 
@@ -129,7 +129,7 @@ def run(ctx: BenchContext) -> dict:
         texts = prompts(n)
         contenders[("base", 0, n)] = {"loraplex base": loraplex_run(engine, texts, [None] * n, new_tokens),
                                       "HF generate base": hf_run(hf, tokenizer, texts, new_tokens),
-                                      "matmul ceiling": matmul_ceiling_run(ctx.model_dir, n, new_tokens)}
+                                      **ceiling_runs(ctx.model_dir, n, new_tokens)}
     for set_name, k, n in pts:
         texts = prompts(n)
         names = names_for(set_name, k, n)
@@ -149,12 +149,16 @@ def run(ctx: BenchContext) -> dict:
                 with Timer() as t:
                     outputs[p][name] = fn()
                 rates[p][name].append(p[2] * new_tokens / t.seconds)
+    for p in rates:
+        if p[0] == "base":
+            rates[p]["matmul ceiling"] = ceiling_rates(rates[p])
     return result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit)
 
 
 def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> dict:
     rows, checks, ratios = [], [], {}
-    names = ["loraplex", "loraplex base", "HF generate base", "PEFT mixed batch", "PEFT switching", "matmul ceiling"]
+    names = ["loraplex", "loraplex base", "HF generate base", "PEFT mixed batch", "PEFT switching",
+             CEILING_TORCH, CEILING_ONEDNN]
     for p in pts:
         set_name, k, n = p
         r = {**rates[p], **rates[("base", 0, n)]}
@@ -163,6 +167,8 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
             "loraplex / own base": paired_ratio(r["loraplex"], r["loraplex base"]),
             "loraplex base / HF base": paired_ratio(r["loraplex base"], r["HF generate base"]),
             "loraplex base time / matmul time": paired_ratio(r["matmul ceiling"], r["loraplex base"]),
+            "F.linear time / oneDNN time": (paired_ratio(r[CEILING_ONEDNN], r[CEILING_TORCH])
+                                            if CEILING_ONEDNN in r else None),
             "loraplex / PEFT mixed": paired_ratio(r["loraplex"], r["PEFT mixed batch"]) if k else None,
             "loraplex / PEFT switching": paired_ratio(r["loraplex"], r["PEFT switching"]) if "PEFT switching" in r else None,
         }
@@ -192,8 +198,9 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
     for name in ("loraplex", "PEFT mixed batch", "PEFT switching"):
         series[name] = [[p[1], statistics.median(rates[p][name])] for p in pts
                         if p[0] == "r16" and p[1] and name in rates[p]]
-    for name in ("loraplex base", "HF generate base", "matmul ceiling"):
-        series[name] = [[p[1], statistics.median(rates[("base", 0, p[2])][name])] for p in pts if p[0] == "r16"]
+    for name in ("loraplex base", "HF generate base", CEILING_TORCH, CEILING_ONEDNN):
+        series[name] = [[p[1], statistics.median(rates[("base", 0, p[2])][name])] for p in pts
+                        if p[0] == "r16" and name in rates[("base", 0, p[2])]]
     series["loraplex, ranks 4-64"] = [[p[1], statistics.median(rates[p]["loraplex"])] for p in pts if p[0] == "mixed"]
     return {
         "scenario": "adapters_per_batch",
@@ -209,7 +216,8 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
                   "(loraplex base, HF generate, matmul ceiling) run once per batch size and every point is "
                   "divided by them; engine_throughput.py times one point in interleaved rounds.",
                   "The run time includes the prefill, so 'run time / bare matmul time' overstates the decode "
-                  "step's overhead a little.",
+                  "step's overhead a little. The bare matmul time is the faster of F.linear and oneDNN's "
+                  "prepacked weights (the engine's CPU default, `--cpu-matmul`) in the same round.",
                   "The 64-request points use 64 distinct adapters; PEFT switching is measured up to "
                   f"{switch_limit} sub-batches (one generate per adapter): beyond that one round takes minutes."],
         "data": {"rates": {f"{p[0]} k={p[1]} n={p[2]}": rates[p] for p in rates}, "ratios": ratios},

@@ -73,7 +73,8 @@ def build_merged(layer: LoraLinear, slot_entries: dict[str, tuple[int, int]], op
     for col, out, a, b in touched:
         ops.merge(base[col : col + out], a, b, 1.0, merged[col : col + out])  # scale is folded into b
     bias = layer_bias(layer.base)
-    return DenseLinear(merged, None if bias is None else bias.to(dtype))
+    prepack = isinstance(layer.base, DenseLinear) and layer.base.packed is not None
+    return DenseLinear(merged, None if bias is None else bias.to(dtype), prepack)
 
 
 class MergePolicy:

@@ -19,7 +19,7 @@ from .lora_batch import LoraBatch
 from .lora_layer import LoraLinear
 from .merging import MergeStep
 from .model_config import ModelSpec
-from .quantize import make_linear
+from .quantize import DenseLinear, make_linear
 
 # Which fused layer holds each projection, in output-column order.
 FUSED = {
@@ -85,16 +85,18 @@ class DecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], quantize: str, device: torch.device,
-                 max_positions: int) -> None:
-        """weights: Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...), compute dtype."""
+                 max_positions: int, prepack: bool = False) -> None:
+        """weights: Hugging Face names (model.layers.{i}.self_attn.q_proj.weight, ...), compute dtype;
+        prepack: hold unquantized projections and the lm_head in oneDNN's layout (`DenseLinear`)."""
         super().__init__()
         self.spec = spec
         self.embed = nn.Parameter(weights.pop("model.embed_tokens.weight").to(device), requires_grad=False)
         lm_head = weights.pop("lm_head.weight", None)
-        self.lm_head = self.embed if lm_head is None else nn.Parameter(lm_head.to(device), requires_grad=False)
+        # a tied head shares the embedding's storage unless prepacked (then it is a second copy)
+        self.lm_head = DenseLinear(self.embed if lm_head is None else lm_head.to(device), None, prepack)
         self.norm = nn.Parameter(weights.pop("model.norm.weight").to(device), requires_grad=False)
         self.layers = nn.ModuleList(
-            _build_layer(spec, weights, i, quantize, device) for i in range(spec.num_layers)
+            _build_layer(spec, weights, i, quantize, device, prepack) for i in range(spec.num_layers)
         )
         leftover = [k for k in weights if "rotary_emb" not in k]
         if leftover:
@@ -120,10 +122,11 @@ class CausalLM(nn.Module):
         for layer, kv in zip(self.layers, kv_cache):
             h = layer(h, cos, sin, batch, kv, ops)
         h = rms_norm(h.index_select(0, batch.logit_rows), self.norm, self.spec.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()
 
 
-def _build_layer(spec: ModelSpec, weights: dict[str, torch.Tensor], i: int, quantize: str, device: torch.device) -> DecoderLayer:
+def _build_layer(spec: ModelSpec, weights: dict[str, torch.Tensor], i: int, quantize: str, device: torch.device,
+                 prepack: bool) -> DecoderLayer:
     prefix = f"model.layers.{i}."
     shapes = spec.projection_shapes()
     projections = {}
@@ -134,7 +137,7 @@ def _build_layer(spec: ModelSpec, weights: dict[str, torch.Tensor], i: int, quan
         for name, w in zip(names, ws):
             if tuple(w.shape) != shapes[name]:
                 raise ValueError(f"{prefix}{name} has shape {list(w.shape)}, the config implies {list(shapes[name])}")
-        base = make_linear(ws, bs, quantize, device)
+        base = make_linear(ws, bs, quantize, device, prepack)
         projections[fused] = LoraLinear(base, [(n, shapes[n][0]) for n in names], in_features=shapes[names[0]][1])
     norms = (
         weights.pop(prefix + "input_layernorm.weight").to(device),

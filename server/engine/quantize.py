@@ -15,19 +15,42 @@ INT8_THRESHOLD = 6.0
 
 
 class DenseLinear(nn.Module):
-    """y = x @ W^T + b with W [out, in]."""
+    """y = x @ W^T + b with W [out, in].
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    With `prepack`, W is held only in oneDNN's blocked layout, reordered once at load (what
+    PyTorch's inductor does for frozen CPU linears). Decode-sized matmuls then run about twice
+    as fast as `F.linear` on this project's CPUs (docs/BENCHMARKS.md); the arithmetic is float32
+    (or bfloat16) as before, only the summation order differs."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features = weight.shape[0]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+        if prepack:
+            self.weight = None
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
+        else:
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def dense(self) -> torch.Tensor:
+        """W [out, in] in plain layout (a new tensor when prepacked)."""
+        return self.packed.to_dense() if self.packed is not None else self.weight.detach()
+
+
+PACK_BATCH_HINT = 32  # rows oneDNN tunes the packed layout for; any row count works
+
+
+def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `DenseLinear(prepack=True)` can run here: oneDNN on a CPU, float32 or bfloat16."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class ConcatLinear(nn.Module):
@@ -47,9 +70,11 @@ class ConcatLinear(nn.Module):
 
 
 def make_linear(
-    weights: list[torch.Tensor], biases: list[torch.Tensor | None], quantize: str, device: torch.device
+    weights: list[torch.Tensor], biases: list[torch.Tensor | None], quantize: str, device: torch.device,
+    prepack: bool = False,
 ) -> nn.Module:
-    """One (possibly fused) projection from per-slice weights [out_i, in] and biases [out_i]."""
+    """One (possibly fused) projection from per-slice weights [out_i, in] and biases [out_i];
+    `prepack` applies to unquantized layers (see `DenseLinear`)."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if quantize == "none":
@@ -58,7 +83,7 @@ def make_linear(
             bias = None
         else:
             bias = torch.cat([b if b is not None else weight.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
-        return DenseLinear(weight.to(device).contiguous(), None if bias is None else bias.to(device))
+        return DenseLinear(weight.to(device).contiguous(), None if bias is None else bias.to(device), prepack)
     parts = [_quantized(w, b, quantize, device) for w, b in zip(weights, biases)]
     return parts[0] if len(parts) == 1 else ConcatLinear(parts)
 
@@ -97,7 +122,7 @@ def dense_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight [out, in] as a dense tensor in `dtype` (dequantized when quantized):
     the starting point of a merged copy. A new tensor; the layer itself is left as it is."""
     if isinstance(module, DenseLinear):
-        return module.weight.detach().to(dtype).clone()
+        return module.dense().to(dtype).clone()
     if isinstance(module, ConcatLinear):
         return torch.cat([dense_weight(p, dtype) for p in module.parts])
     import bitsandbytes as bnb
