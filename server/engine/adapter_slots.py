@@ -8,7 +8,8 @@
 - Reading an adapter's files (disk -> host) happens on a background thread: the scheduler asks
   `ready(name)` before admitting a request, which starts the read and keeps the request waiting
   until it is done, so the engine thread only does the short copy into a slot and running
-  streams do not stall while adapters load.
+  streams do not stall while adapters load. While sequences decode, the scheduler admits at most
+  one sequence per step whose adapter is not `is_resident`, so copies do not pile up in one step.
 - Soft prompts are small: once registered they stay on the device.
 """
 from __future__ import annotations
@@ -112,6 +113,10 @@ class AdapterSlots:
     # slots --------------------------------------------------------------------------------
     def resident(self) -> list[str]:
         return [n for n in self._name_in if n is not None and not n.startswith("\0")]
+
+    def is_resident(self, name: str) -> bool:
+        """Whether `name` holds a slot already (acquiring it copies nothing)."""
+        return name in self._slot_of
 
     def acquire(self, name: str) -> int | None:
         """Reference `name`'s slot, loading it first if needed; None while every slot is held by

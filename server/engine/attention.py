@@ -2,10 +2,16 @@
 
 The cache of one layer is two tensors `[num_blocks, block_size, kv_heads, head_dim]`. Each
 sequence owns a list of blocks (its block table); token at position p lives in block
-`table[p // block_size]`, offset `p % block_size`.
+`table[p // block_size]`, offset `p % block_size`. A step's new keys and values are written to
+the cache (`write_kv`) before attention runs.
 
-A step is either a prefill (every sequence brings all its tokens: a fresh prompt, or a
-preempted sequence recomputed from scratch) or a decode (one new token per sequence).
+A step gives each sequence a chunk of positions (see `Chunk` in sequence.py). Three layouts:
+- prefill: every chunk starts at position 0 (fresh prompts, or prompts recomputed after a
+  preemption), nothing else: padded batched SDPA over the step's own keys;
+- decode: one query per sequence; its keys are read back from the cache through the block table;
+- mixed: decode rows as above, and chunk rows (queries continuing a cached prefix) whose keys,
+  prefix and chunk, are gathered from the cache into a padded layout with a causal mask. The two
+  groups run as separate SDPA calls: decode rows are never padded to the chunk length.
 """
 from __future__ import annotations
 
@@ -16,17 +22,49 @@ import torch.nn.functional as F
 
 
 @dataclass
+class PrefillLayout:
+    """Chunks that all start at position 0: each sequence padded to max_len rows."""
+
+    num_seqs: int
+    max_len: int
+    token_index: torch.Tensor  # [T] row of each token in the padded [B * max_len] layout
+    prefill_mask: torch.Tensor  # [B, 1, max_len, max_len] bool, causal and within length
+
+
+@dataclass
+class PagedLayout:
+    """Queries whose keys (their own included) are read from the cache: sequence b's queries are
+    positions [start_b, start_b + len_b), padded to max_len rows."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] long (padding points at block 0)
+    mask: torch.Tensor  # [B, 1, max_len, max_blocks * block_size] bool: key j visible to query i iff j <= start_b + i
+    max_len: int = 1
+    token_index: torch.Tensor | None = None  # [Q] row of each query in the padded [B * max_len] layout; None if max_len 1
+
+    @staticmethod
+    def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
+              device: torch.device) -> "PagedLayout":
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+        max_len = max(lens)
+        keys = torch.arange(width * block_size, device=device)
+        if max_len == 1:
+            mask = keys[None, :] <= torch.tensor(starts, device=device)[:, None]  # [B, W]
+            return PagedLayout(tables, mask[:, None, None, :])
+        query_pos = torch.tensor(starts, device=device)[:, None] + torch.arange(max_len, device=device)  # [B, L]
+        mask = keys[None, None, :] <= query_pos[:, :, None]  # [B, L, W]
+        token_index = torch.cat([torch.arange(n) + b * max_len for b, n in enumerate(lens)]).to(device)
+        return PagedLayout(tables, mask[:, None], max_len, token_index)
+
+
+@dataclass
 class AttentionMetadata:
-    is_prefill: bool
     slot_mapping: torch.Tensor  # [T] long: flat cache row (block * block_size + offset) of each new token
-    # prefill: sequences padded to max_len rows each
-    num_seqs: int = 0
-    max_len: int = 0
-    token_index: torch.Tensor | None = None  # [T] row of each token in the padded [B * max_len] layout
-    prefill_mask: torch.Tensor | None = None  # [B, 1, max_len, max_len] bool, causal and within length
-    # decode
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] long (padding points at block 0)
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool: position < context length
+    prefill: PrefillLayout | None = None  # set: the whole step is a prefill from position 0
+    decode: PagedLayout | None = None  # one query per sequence
+    chunks: PagedLayout | None = None  # queries continuing a cached prefix (mixed steps)
+    decode_rows: torch.Tensor | None = None  # [D] batch rows of the decode queries; None: every row
+    chunk_rows: torch.Tensor | None = None  # [C] batch rows of the chunk queries
 
     @staticmethod
     def for_prefill(seq_lens: list[int], slot_mapping: torch.Tensor, device: torch.device) -> "AttentionMetadata":
@@ -37,18 +75,28 @@ class AttentionMetadata:
         pos = torch.arange(max_len, device=device)
         causal = pos[None, :] <= pos[:, None]  # [L, L] query i sees keys j <= i
         mask = causal[None, None] & (pos[None, None, None, :] < lens[:, None, None, None])
-        return AttentionMetadata(True, slot_mapping, len(seq_lens), max_len, token_index, mask)
+        return AttentionMetadata(slot_mapping, prefill=PrefillLayout(len(seq_lens), max_len, token_index, mask))
 
     @staticmethod
     def for_decode(
         block_tables: list[list[int]], context_lens: list[int], block_size: int,
         slot_mapping: torch.Tensor, device: torch.device,
     ) -> "AttentionMetadata":
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
-        pos = torch.arange(width * block_size, device=device)
-        mask = pos[None, :] < torch.tensor(context_lens, device=device)[:, None]
-        return AttentionMetadata(False, slot_mapping, block_tables=tables, decode_mask=mask[:, None, None, :])
+        starts = [n - 1 for n in context_lens]
+        return AttentionMetadata(slot_mapping, decode=PagedLayout.build(block_tables, starts, [1] * len(starts),
+                                                                        block_size, device))
+
+    @staticmethod
+    def for_mixed(
+        decode_rows: list[int], chunk_rows: list[int], decode: PagedLayout | None, chunks: PagedLayout | None,
+        slot_mapping: torch.Tensor, device: torch.device,
+    ) -> "AttentionMetadata":
+        """decode_rows / chunk_rows: batch rows of the queries each layout serves, in its order."""
+        def rows(r: list[int]) -> torch.Tensor | None:
+            return torch.tensor(r, dtype=torch.long, device=device) if r else None
+
+        return AttentionMetadata(slot_mapping, decode=decode, chunks=chunks, decode_rows=rows(decode_rows),
+                                 chunk_rows=rows(chunk_rows))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -62,12 +110,19 @@ def attention(
     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
 ) -> torch.Tensor:
     """q [T, heads, hd], k/v [T, kv_heads, hd] (already written to the cache) -> [T, heads * hd]."""
-    if meta.is_prefill:
-        return _prefill(q, k, v, meta)
-    return _decode(q, k_cache, v_cache, meta)
+    if meta.prefill is not None:
+        return _prefill(q, k, v, meta.prefill)
+    if meta.decode_rows is None and meta.chunks is None:
+        return _paged(q, k_cache, v_cache, meta.decode)
+    num_tokens, heads, hd = q.shape
+    out = q.new_empty(num_tokens, heads * hd)
+    for rows, layout in ((meta.decode_rows, meta.decode), (meta.chunk_rows, meta.chunks)):
+        if layout is not None:
+            out.index_copy_(0, rows, _paged(q.index_select(0, rows), k_cache, v_cache, layout))
+    return out
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PrefillLayout) -> torch.Tensor:
     num_tokens, heads, hd = q.shape
     if meta.num_seqs == 1:
         out = F.scaled_dot_product_attention(
@@ -84,16 +139,22 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionM
     return out.transpose(1, 2).reshape(rows, heads * hd).index_select(0, meta.token_index)
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    num_seqs, heads, hd = q.shape
-    tables = meta.block_tables
-    width = tables.shape[1] * k_cache.shape[1]
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The blocks of each table [B, max_blocks] -> keys or values [B, kv_heads, max_blocks * block_size, hd]."""
+    num_seqs = tables.shape[0]
+    blocks = cache.index_select(0, tables.reshape(-1))  # [B * max_blocks, block_size, kvh, hd]
+    return blocks.view(num_seqs, -1, *cache.shape[2:]).transpose(1, 2)
 
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, kv_heads, width, hd]
-        blocks = cache.index_select(0, tables.reshape(-1))  # [B * max_blocks, block_size, kvh, hd]
-        return blocks.view(num_seqs, width, *cache.shape[2:]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(
-        q[:, :, None, :], gather(k_cache), gather(v_cache), attn_mask=meta.decode_mask, enable_gqa=True
-    )  # [B, heads, 1, hd]
-    return out.reshape(num_seqs, heads * hd)
+def _paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: PagedLayout) -> torch.Tensor:
+    """q [Q, heads, hd] -> [Q, heads * hd]; keys and values gathered from the cache."""
+    num_queries, heads, hd = q.shape
+    keys, values = _gather(k_cache, meta.block_tables), _gather(v_cache, meta.block_tables)
+    if meta.token_index is None:  # one query per sequence (decode)
+        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=meta.mask, enable_gqa=True)
+        return out.reshape(num_queries, heads * hd)  # from [B, heads, 1, hd]
+    rows = meta.block_tables.shape[0] * meta.max_len
+    padded = q.new_zeros(rows, heads, hd).index_copy_(0, meta.token_index, q)
+    padded = padded.view(-1, meta.max_len, heads, hd).transpose(1, 2)  # [B, heads, max_len, hd]
+    out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=meta.mask, enable_gqa=True)
+    return out.transpose(1, 2).reshape(rows, heads * hd).index_select(0, meta.token_index)

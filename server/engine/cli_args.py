@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import DTYPES, EngineConfig
+from .config import CPU_MATMULS, DTYPES, EngineConfig
 from .quantize import QUANTIZATIONS
 
 
@@ -18,6 +18,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["auto", "torch", "triton", "reference"], default="auto")
     g.add_argument("--max-running", type=int, default=64, help="sequences decoding at once")
     g.add_argument("--max-batch-tokens", type=int, default=4096, help="prompt tokens prefilled per step")
+    g.add_argument("--prefill-chunk-tokens", type=int, default=256,
+                   help="prompt tokens prefilled per step while other requests decode (longer prompts are "
+                        "split across steps, so running streams keep producing tokens)")
     g.add_argument("--max-total-tokens", type=int, default=32768, help="KV-cache capacity in tokens")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
@@ -25,6 +28,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-cpu-loras", type=int, default=128, help="loaded adapters cached in host memory")
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--threads", type=int, help="CPU threads for torch")
+    g.add_argument("--cpu-matmul", choices=list(CPU_MATMULS), default="auto",
+                   help="unquantized projections on a CPU: onednn (weights prepacked once; auto picks it "
+                        "where oneDNN supports the dtype) or torch (F.linear)")
     m = parser.add_argument_group("merging")
     m.add_argument("--merge", metavar="NAME", help="serve this LoRA adapter from merged weights (static)")
     m.add_argument("--dynamic-merge", action="store_true",
@@ -38,9 +44,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model, dtype=args.dtype, quantize=args.quantize, device=args.device, kernels=args.kernels,
         max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
         max_total_tokens=args.max_total_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
-        threads=args.threads, dynamic_merge=args.dynamic_merge, merge_high=args.merge_high,
+        threads=args.threads, cpu_matmul=args.cpu_matmul, dynamic_merge=args.dynamic_merge, merge_high=args.merge_high,
         merge_low=args.merge_low, merge_patience=args.merge_patience,
     )
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+CPU_MATMULS = ("auto", "onednn", "torch")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -17,6 +18,7 @@ class EngineConfig:
     kernels: str = "auto"  # auto | torch | triton | reference
     max_running: int = 64  # sequences decoding at once
     max_batch_tokens: int = 4096  # prompt tokens prefilled in one step
+    prefill_chunk_tokens: int = 256  # prompt tokens per step while others decode (capped by the above)
     max_total_tokens: int = 32768  # KV-cache capacity, in tokens
     block_size: int = 16  # tokens per KV block
     max_model_len: int | None = None  # context limit; default and upper bound: the model's own
@@ -28,6 +30,7 @@ class EngineConfig:
     merge_low: float = 0.5  # ... and the share under which it is undone
     merge_patience: int = 8  # consecutive steps either condition must hold
     threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    cpu_matmul: str = "auto"  # auto | onednn | torch: how unquantized CPU projections multiply (quantize.py)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -41,8 +44,10 @@ class EngineConfig:
 
     def validate(self) -> None:
         self.torch_dtype()
-        for name in ("max_running", "max_batch_tokens", "max_total_tokens", "block_size", "max_loras",
-                     "max_cpu_loras", "max_lora_rank"):
+        if self.cpu_matmul not in CPU_MATMULS:
+            raise ValueError(f"unknown cpu_matmul {self.cpu_matmul!r}: choose one of {', '.join(CPU_MATMULS)}")
+        for name in ("max_running", "max_batch_tokens", "prefill_chunk_tokens", "max_total_tokens", "block_size",
+                     "max_loras", "max_cpu_loras", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

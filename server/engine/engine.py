@@ -28,6 +28,7 @@ from .merging import MergePolicy, build_merged
 from .model import FUSED, CausalLM
 from .model_config import spec_from_hf_config
 from .model_runner import ModelRunner
+from .quantize import prepack_supported
 from .sampler import Sampler, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence, Status
@@ -66,7 +67,8 @@ class Engine:
         self.tokenizer = loader.load_tokenizer(self.model_path)
         self.max_model_len = self._context_limit()
         weights = loader.load_weights(self.model_path, self.dtype)
-        self.model = CausalLM(self.spec, weights, config.quantize, self.device, self.max_model_len)
+        self.prepacked = self._prepack()
+        self.model = CausalLM(self.spec, weights, config.quantize, self.device, self.max_model_len, self.prepacked)
         self.blocks = BlockManager(-(-config.max_total_tokens // config.block_size), config.block_size)
         self.slots = AdapterSlots(
             BaseModelShape(self.spec.num_layers, self.spec.hidden_size, self.spec.projection_shapes(),
@@ -74,7 +76,8 @@ class Engine:
             self._projection_layers(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
             self.dtype, self.device,
         )
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens,
+                                   config.prefill_chunk_tokens)
         self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
         self.sampler = Sampler()
         self.runner.quantized = config.quantize != "none"
@@ -87,6 +90,14 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences (n per request)
+
+    def _prepack(self) -> bool:
+        """Whether unquantized projections run on oneDNN-prepacked weights (see quantize.py)."""
+        supported = prepack_supported(self.dtype, self.device)
+        if self.config.cpu_matmul == "onednn" and not supported:
+            raise ValueError(f"--cpu-matmul onednn needs a CPU with oneDNN and float32 or bfloat16; "
+                             f"this engine runs {self.config.dtype} on {self.device}")
+        return supported and self.config.cpu_matmul != "torch"
 
     def _context_limit(self) -> int:
         limit = self.spec.max_position_embeddings
@@ -268,16 +279,20 @@ class Engine:
 
     # stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        seqs, is_prefill, failed = self.scheduler.schedule()
+        chunks, failed = self.scheduler.schedule()
         outputs = [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
-        seqs = [s for s in seqs if s.status is not Status.FINISHED]  # a sibling failed: the request is over
-        if not seqs:
+        chunks = [c for c in chunks if c.seq.status is not Status.FINISHED]  # a sibling failed: the request is over
+        if not chunks:
             if not outputs:  # only adapters being read: wait for one rather than spin
                 self.slots.wait_for_reads(timeout=0.05)
             return outputs
         if self.merge_policy.dynamic:
             self._follow_merge_policy(self.scheduler.running)
-        logits, seqs = self.runner.run(seqs, is_prefill)
+        logits, seqs = self.runner.run(chunks)
+        for chunk in chunks:
+            chunk.seq.num_computed = chunk.end
+        if not seqs:  # every chunk stopped short of its sequence's end: nothing to sample
+            return outputs
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
         logprobs = dict(zip(wanted, token_logprobs(logits, tokens, wanted, [seqs[i].params.top_logprobs

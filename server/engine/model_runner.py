@@ -1,7 +1,9 @@
-"""Turns a scheduled batch of sequences into model inputs, runs the model, returns logits.
+"""Turns a step's chunks (see `Chunk`) into model inputs, runs the model, returns logits.
 
-Sequences are ordered by adapter slot inside the step so each adapter's rows are one
-contiguous segment; logits come back in the caller's order.
+Chunks are ordered by adapter slot inside the step so each adapter's rows are one contiguous
+segment. A step of decodes only takes the cheap path (`_decode_batch`, its LoRA grouping reused
+while the batch keeps its make-up); any other step is built by `_chunk_batch`. Logits come only
+for chunks that reach their sequence's end (those sample a token).
 """
 from __future__ import annotations
 
@@ -10,12 +12,12 @@ from types import ModuleType
 import torch
 
 from .adapter_slots import AdapterSlots
-from .attention import AttentionMetadata
+from .attention import AttentionMetadata, PagedLayout
 from .block_manager import BlockManager
 from .lora_batch import LoraBatch
 from .merging import MergeStep, merge_mode
 from .model import CausalLM, ForwardBatch
-from .sequence import Sequence
+from .sequence import Chunk, Sequence
 
 
 class ModelRunner:
@@ -39,52 +41,90 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[torch.Tensor, list[Sequence]]:
-        """-> (logits [len(seqs), vocab] float32 of each sequence's last position, the sequences in
-        the order of those rows: sorted by adapter slot)."""
-        ordered = sorted(seqs, key=lambda s: s.slot)
-        batch = self._prefill_batch(ordered, False) if is_prefill else self._decode_batch(ordered)
-        return self.model(batch, self.kv_cache, self.ops), ordered
+    def run(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Sequence]]:
+        """-> (logits [S, vocab] float32 at the last position of each chunk that samples, those S
+        sequences in the order of the rows: sorted by adapter slot)."""
+        ordered = sorted(chunks, key=lambda c: c.seq.slot)
+        if all(c.is_decode for c in ordered) and not all(c.start == 0 for c in ordered):
+            batch = self._decode_batch([c.seq for c in ordered])
+        else:
+            batch = self._chunk_batch(ordered)
+        return self.model(batch, self.kv_cache, self.ops), [c.seq for c in ordered if c.samples]
 
     @torch.inference_mode()
     def run_all_positions(self, seqs: list[Sequence]) -> torch.Tensor:
         """A prefill returning logits [sum of positions, vocab] for every position, in `seqs` order."""
         ordered = sorted(seqs, key=lambda s: s.slot)
-        logits = self.model(self._prefill_batch(ordered, True), self.kv_cache, self.ops)
+        batch = self._chunk_batch([Chunk(s, 0, s.num_tokens) for s in ordered], all_logits=True)
+        logits = self.model(batch, self.kv_cache, self.ops)
         per_seq = dict(zip((id(s) for s in ordered), logits.split([s.num_tokens for s in ordered])))
         return torch.cat([per_seq[id(s)] for s in seqs])
 
-    def _slot_mapping(self, seq: Sequence, positions: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(seq.block_table, dtype=torch.long)
-        bs = self.blocks.block_size
-        return table[positions // bs] * bs + positions % bs
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Flat cache rows of positions [start, end) of `seq`."""
+        bs, table = self.blocks.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _prefill_batch(self, seqs: list[Sequence], all_logits: bool) -> ForwardBatch:
+    def _chunk_batch(self, chunks: list[Chunk], all_logits: bool = False) -> ForwardBatch:
+        """Inputs of any chunks, rows in `chunks` order. Attention is one padded prefill when every
+        chunk starts at position 0, else mixed (attention.py). Logits: every row with
+        `all_logits`, else the last row of each chunk that samples."""
         ids, positions, slots, logit_rows, soft_rows, soft_vectors = [], [], [], [], [], []
         row = 0
-        for seq in seqs:
-            n = seq.num_tokens
-            pos = torch.arange(n)
-            ids.append(torch.tensor([0] * seq.num_virtual + seq.prefill_ids(), dtype=torch.long))
-            positions.append(pos)
-            slots.append(self._slot_mapping(seq, pos))
-            if seq.num_virtual:
-                soft_rows.append(torch.arange(row, row + seq.num_virtual))
-                soft_vectors.append(seq.soft_prompt)
-            logit_rows.append(torch.arange(row, row + n) if all_logits else torch.tensor([row + n - 1]))
-            row += n
+        for c in chunks:
+            seq = c.seq
+            ids += seq.chunk_ids(c.start, c.end)
+            positions += range(c.start, c.end)
+            slots += self._slots(seq, c.start, c.end)
+            virtual = max(0, min(c.end, seq.num_virtual) - c.start)  # soft-prompt positions in the chunk
+            if virtual:
+                soft_rows += range(row, row + virtual)
+                soft_vectors.append(seq.soft_prompt[c.start:c.start + virtual])
+            if all_logits:
+                logit_rows += range(row, row + c.length)
+            elif c.samples:
+                logit_rows.append(row + c.length - 1)
+            row += c.length
         dev = self.device
-        slot_mapping = torch.cat(slots).to(dev)
+        seqs, lengths = [c.seq for c in chunks], [c.length for c in chunks]
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        if all(c.start == 0 for c in chunks):
+            attn = AttentionMetadata.for_prefill(lengths, slot_mapping, dev)
+        else:
+            attn = self._mixed_attention(chunks, slot_mapping)
         return ForwardBatch(
-            input_ids=torch.cat(ids).to(dev),
-            positions=torch.cat(positions).to(dev),
-            attn=AttentionMetadata.for_prefill([s.num_tokens for s in seqs], slot_mapping, dev),
-            lora=LoraBatch.build(self._lora_slots(seqs), [s.num_tokens for s in seqs], self.slots.tables, dev),
-            merge=self._merge_step(seqs, [s.num_tokens for s in seqs]),
-            logit_rows=torch.cat(logit_rows).to(dev),
-            soft_rows=torch.cat(soft_rows).to(dev) if soft_rows else None,
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            attn=attn,
+            lora=LoraBatch.build(self._lora_slots(seqs), lengths, self.slots.tables, dev),
+            merge=self._merge_step(seqs, lengths),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
+            soft_rows=torch.tensor(soft_rows, dtype=torch.long, device=dev) if soft_rows else None,
             soft_vectors=torch.cat(soft_vectors) if soft_vectors else None,
         )
+
+    def _mixed_attention(self, chunks: list[Chunk], slot_mapping: torch.Tensor) -> AttentionMetadata:
+        """Chunks of one position are served as decode rows, longer ones as chunk rows."""
+        decode_rows, chunk_rows, decodes, longer = [], [], [], []
+        row = 0
+        for c in chunks:
+            if c.length == 1:
+                decode_rows.append(row)
+                decodes.append(c)
+            else:
+                chunk_rows += range(row, row + c.length)
+                longer.append(c)
+            row += c.length
+        return AttentionMetadata.for_mixed(decode_rows, chunk_rows, self._paged_layout(decodes),
+                                           self._paged_layout(longer), slot_mapping, self.device)
+
+    def _paged_layout(self, chunks: list[Chunk]) -> PagedLayout | None:
+        """Layout of chunks whose keys are read from the cache: each sees its blocks up to its end."""
+        if not chunks:
+            return None
+        tables = [c.seq.block_table[:self.blocks.blocks_for(c.end)] for c in chunks]
+        return PagedLayout.build(tables, [c.start for c in chunks], [c.length for c in chunks],
+                                 self.blocks.block_size, self.device)
 
     def _decode_batch(self, seqs: list[Sequence]) -> ForwardBatch:
         dev = self.device

@@ -1,11 +1,25 @@
-"""Continuous batching: which sequences run in the next step.
+"""Continuous batching with chunked prefill: what each sequence computes in the next step.
 
-A step is a prefill of newly admitted sequences when any can be admitted, else one decode
-token for every running sequence. Admission is FIFO and needs: room under `max_running`,
-room under `max_batch_tokens` (a lone long prompt is still admitted), enough free KV blocks
-for all its positions, and a device slot for its adapter. When a decode step runs out of
-blocks, the newest running sequence is preempted: its blocks are freed and it goes back to
-the front of the queue, to be recomputed from its prompt and the tokens it already produced.
+A step gives every scheduled sequence a chunk of positions (`Chunk`), from its first position
+without KV entries (`num_computed`). Per step:
+
+1. Decode first: every running sequence with only its last position left gets that one
+   position. When a decoding sequence needs a new KV block and none is free, the newest running
+   sequence is preempted: its blocks are freed and it goes back to the front of the queue, to be
+   recomputed from its prompt and the tokens it already produced (`num_computed` back to 0).
+2. Then prefill work fills a token budget: `prefill_chunk_tokens` (at most `max_batch_tokens`)
+   when at least one sequence decodes in this step, so running streams are never stalled by a
+   long prefill; `max_batch_tokens` when none does, so a burst of fresh requests still prefills
+   in one big step. Sequences already part-way through their prefill come first, then admissions.
+   A prompt longer than what is left of the budget takes what is left and continues next step;
+   only the chunk that reaches a sequence's end samples a token.
+
+Admission is FIFO and needs room under `max_running`, enough free KV blocks for all the
+sequence's positions (allocated at admission, whatever its first chunk), and a device slot for
+its adapter. A sequence whose adapter is being read, or waits for a free slot, is passed over
+without losing its place. Copying an adapter into a slot takes time on the engine thread, so
+while sequences decode at most one sequence per step is admitted whose adapter is not already
+resident (the others are passed over until a later step).
 """
 from __future__ import annotations
 
@@ -15,15 +29,19 @@ from .adapter_slots import AdapterSlots
 from .adapter_errors import SlotsExhausted
 from .adapters import AdapterError
 from .block_manager import BlockManager
-from .sequence import Sequence, Status
+from .sequence import Chunk, Sequence, Status
+
+Failure = tuple[Sequence, str, str]  # (sequence, message, status name: RESOURCE_EXHAUSTED or INTERNAL)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, slots: AdapterSlots, max_running: int, max_batch_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, slots: AdapterSlots, max_running: int, max_batch_tokens: int,
+                 prefill_chunk_tokens: int = 256) -> None:
         self.blocks = blocks
         self.slots = slots
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -34,54 +52,77 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool, list[tuple[Sequence, str, str]]]:
-        """-> (sequences to run, whether it is a prefill, failed sequences as (seq, message, code))
-        where code is a status name: RESOURCE_EXHAUSTED or INTERNAL."""
-        failed: list[tuple[Sequence, str, str]] = []
-        admitted = self._admit(failed)
-        if admitted:
-            return admitted, True, failed
-        return self._decode_batch(), False, failed
+    def schedule(self) -> tuple[list[Chunk], list[Failure]]:
+        """-> (the step's chunks: decodes, then continued prefills, then admissions; sequences that
+        failed, as (seq, message, code) where code is a status name)."""
+        failed: list[Failure] = []
+        running = self._make_room()
+        decodes = [Chunk(s, s.num_computed, 1) for s in running if not s.is_prefilling]
+        budget = min(self.prefill_chunk_tokens, self.max_batch_tokens) if decodes else self.max_batch_tokens
+        chunks = list(decodes)
+        for seq in running:
+            if seq.is_prefilling and budget > 0:
+                chunks.append(self._chunk(seq, budget))
+                budget -= chunks[-1].length
+        chunks += self._admit(budget, bool(decodes), failed)
+        return chunks, failed
 
-    def _admit(self, failed: list[tuple[Sequence, str, str]]) -> list[Sequence]:
-        """FIFO by memory; a sequence whose adapter waits for a free slot is passed over (it keeps
-        its place) so requests for resident adapters and the base model are not held up."""
-        batch: list[Sequence] = []
-        tokens = 0
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> Chunk:
+        """The next chunk of `seq`: its positions without KV entries, at most `budget` of them."""
+        return Chunk(seq, seq.num_computed, min(seq.num_tokens - seq.num_computed, budget))
+
+    def _admit(self, budget: int, decoding: bool, failed: list[Failure]) -> list[Chunk]:
+        """First chunks of newly admitted sequences, within `budget` tokens. FIFO by memory; a
+        sequence whose adapter waits (being read, no free slot, or, while `decoding`, a second
+        adapter to copy into a slot this step) is passed over, keeping its place, so requests for
+        resident adapters and the base model are not held up."""
+        chunks: list[Chunk] = []
         passed_over: list[Sequence] = []
-        while self.waiting and len(self.running) < self.max_running:
+        loaded = False  # an adapter was copied into a slot in this step
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if batch and tokens + seq.num_tokens > self.max_batch_tokens:
-                break
             if not self.blocks.can_allocate(seq.num_tokens):
                 break
             self.waiting.popleft()
             if seq.adapter is not None:
-                if not self.slots.ready(seq.adapter):  # its files are being read in the background
+                resident = self.slots.is_resident(seq.adapter)
+                if not self.slots.ready(seq.adapter) or (decoding and loaded and not resident):
                     passed_over.append(seq)
                     continue
-                try:
-                    slot = self.slots.acquire(seq.adapter)
-                except (AdapterError, OSError) as exc:
-                    seq.status = Status.FINISHED
-                    code = "RESOURCE_EXHAUSTED" if isinstance(exc, SlotsExhausted) else "INTERNAL"
-                    failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {exc}", code))
+                if not self._take_slot(seq, failed):
+                    if seq.status is not Status.FINISHED:
+                        passed_over.append(seq)
                     continue
-                if slot is None:
-                    passed_over.append(seq)
-                    continue
-                seq.slot = slot
+                loaded = loaded or not resident
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append(seq)
-            tokens += seq.num_tokens
+            chunks.append(self._chunk(seq, budget))
+            budget -= chunks[-1].length
         self.waiting.extendleft(reversed(passed_over))
-        return batch
+        return chunks
 
-    def _decode_batch(self) -> list[Sequence]:
+    def _take_slot(self, seq: Sequence, failed: list[Failure]) -> bool:
+        """Reference `seq`'s adapter slot (copying the adapter in if needed). False when every slot
+        is held (it waits), or when the adapter cannot be loaded (it fails, recorded in `failed`)."""
+        try:
+            slot = self.slots.acquire(seq.adapter)
+        except (AdapterError, OSError) as exc:
+            seq.status = Status.FINISHED
+            code = "RESOURCE_EXHAUSTED" if isinstance(exc, SlotsExhausted) else "INTERNAL"
+            failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {exc}", code))
+            return False
+        if slot is None:
+            return False
+        seq.slot = slot
+        return True
+
+    def _make_room(self) -> list[Sequence]:
+        """The running sequences in admission order, after giving each decoding one the KV block its
+        next token needs (prefilling ones hold all theirs), preempting the newest when none is free."""
         queue = sorted(self.running, key=lambda s: s.order)
-        batch: list[Sequence] = []
+        kept: list[Sequence] = []
         while queue:
             seq = queue.pop(0)
             while self.blocks.needs_block(seq.block_table, seq.num_tokens) and self.blocks.num_free == 0:
@@ -91,13 +132,14 @@ class Scheduler:
                     break
             else:
                 self.blocks.allocate(seq.block_table, seq.num_tokens)
-                batch.append(seq)
-        self.running = batch
-        return list(batch)
+                kept.append(seq)
+        self.running = kept
+        return list(kept)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)
         seq.status = Status.WAITING
+        seq.num_computed = 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -80,6 +80,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.logprobs: list[TokenLogprob] = []  # per output id, when params.logprobs
         self.block_table: list[int] = []
+        self.num_computed = 0  # positions whose keys and values are in the KV cache
         self.slot = -1  # adapter slot while running, -1 for none
         self.status = Status.WAITING
         self.finish_reason: str | None = None
@@ -100,10 +101,44 @@ class Sequence:
         """Positions with (or about to get) KV entries: virtual, prompt and generated tokens."""
         return self.num_prompt_positions + len(self.output_ids)
 
-    def prefill_ids(self) -> list[int]:
-        """Real token ids a prefill feeds (after a preemption the generated ones are recomputed)."""
-        return self.prompt_ids + self.output_ids
+    @property
+    def is_prefilling(self) -> bool:
+        """Whether positions before the last still lack KV entries (a decode computes only the last)."""
+        return self.num_computed < self.num_tokens - 1
+
+    def chunk_ids(self, start: int, end: int) -> list[int]:
+        """Token ids fed at positions [start, end): 0 at virtual positions (their soft-prompt vectors
+        replace the embedding), then the prompt and the generated tokens (recomputed after a
+        preemption)."""
+        nv = self.num_virtual
+        virtual = max(0, min(end, nv) - start)
+        lo, hi = max(start, nv) - nv, max(end, nv) - nv  # [lo, hi) of prompt_ids + output_ids
+        n = len(self.prompt_ids)
+        return [0] * virtual + self.prompt_ids[lo:hi] + self.output_ids[max(lo - n, 0):max(hi - n, 0)]
 
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+
+@dataclass
+class Chunk:
+    """Positions [start, start + length) of `seq` computed in one step. A chunk that reaches the
+    sequence's last known position (when it is made) `samples`: it yields logits and a token; a
+    shorter one only fills the KV cache. A decode is a chunk of one position, the last."""
+
+    seq: Sequence
+    start: int
+    length: int
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.seq.num_tokens
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def is_decode(self) -> bool:
+        return self.length == 1 and self.samples

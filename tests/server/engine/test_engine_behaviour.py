@@ -197,13 +197,12 @@ def test_max_running_caps_every_step(tiny_model, tiny_adapters, solo_cache):
 
 def test_max_batch_tokens_splits_prefills(tiny_model, tiny_adapters, solo_cache):
     engine = make_engine(tiny_model, tiny_adapters, max_batch_tokens=12)
-    prefills: list[list[int]] = []
+    prefills: list[list[tuple[str, int, int]]] = []  # per step: (request, start, length) of prefill chunks
     run = engine.runner.run
 
-    def recording(seqs, is_prefill):
-        if is_prefill:
-            prefills.append([s.num_tokens for s in seqs])
-        return run(seqs, is_prefill)
+    def recording(chunks):
+        prefills.append([(c.seq.request_id, c.start, c.length) for c in chunks if not c.is_decode])
+        return run(chunks)
 
     engine.runner.run = recording
     long_prompt = Request(prompt_token_ids=PROMPTS[0] + PROMPTS[1], params=greedy(4), request_id="long")
@@ -211,22 +210,25 @@ def test_max_batch_tokens_splits_prefills(tiny_model, tiny_adapters, solo_cache)
                 long_prompt]
     results = engine.generate(requests)
     assert all(r.error is None for r in results)
-    # 10 + 10 > 12: no two prompts of these share a prefill step; the lone 20-token prompt still runs
-    assert len(prefills) == 4, prefills
-    for sizes in prefills:
-        assert len(sizes) == 1
-    assert [20] in prefills
+    # no step computes more than 12 prompt positions; a prompt that does not fit takes what is left
+    # and continues in the next steps, the 20-token one too (no exception for a lone long prompt)
+    assert all(sum(n for _, _, n in step) <= 12 for step in prefills), prefills
+    assert prefills[0] == [("a", 0, 10), ("b", 0, 2)]
+    long_chunks = [(start, n) for step in prefills for rid, start, n in step if rid == "long"]
+    assert len(long_chunks) > 1 and sum(n for _, n in long_chunks) == 20, long_chunks
+    assert [start for start, _ in long_chunks] == [sum(n for _, n in long_chunks[:i]) for i in range(len(long_chunks))]
     for r, got in zip(requests, results):
         assert got.token_ids == solo_cache(r).token_ids
 
-    # with room for two 10-token prompts per step, two prefills suffice for four prompts
+    # with room for two 10-token prompts per step, two prefills suffice for four prompts (the
+    # second one shares its step with the first two requests' decodes)
     engine2 = make_engine(tiny_model, tiny_adapters, max_batch_tokens=20)
     prefills.clear()
     run = engine2.runner.run
     engine2.runner.run = recording
     results = engine2.generate([req(i, new=3) for i in range(4)])
     assert all(r.error is None for r in results)
-    assert prefills == [[10, 10], [10, 10]]
+    assert [[n for _, _, n in step] for step in prefills if step] == [[10, 10], [10, 10]]
 
 
 # ----------------------------------------------------------------------------- preemption

@@ -10,6 +10,11 @@ from loraplex.server.engine.sampler import SamplingParams
 from loraplex.server.engine.sequence import Request
 
 ATOL = 1e-4  # float32, absolute, on logits (the issue's bound)
+# oneDNN's prepacked matmuls (the CPU default, quantize.py) sum in another order than PEFT's
+# F.linear. On SmolLM2's 30 layers, against float64 logits, HF float32 is off by 4-6e-5 and
+# oneDNN float32 by 5-14e-5, so the two differ by up to ~2e-4 (relative 3e-5): a looser bound
+# for that path only; F.linear keeps the issue's 1e-4.
+ATOL_ONEDNN_30_LAYERS = 3e-4
 STEPS = 8
 
 # (adapter, soft prompt) per request; several prompts each so adapters span several rows
@@ -55,8 +60,8 @@ def _check_parity(engine: Engine, model_dir, adapters, reference, quantize=None,
     decode_logits: list[tuple[list, torch.Tensor]] = []  # (sequences, logits) per step
     run = engine.runner.run
 
-    def recording_run(seqs, is_prefill):
-        logits, ordered = run(seqs, is_prefill)
+    def recording_run(chunks):
+        logits, ordered = run(chunks)
         decode_logits.append((list(ordered), logits))
         return logits, ordered
 
@@ -111,8 +116,11 @@ def test_mixed_batch_matches_peft_nf4(tiny_model, tiny_adapters, reference):
 
 
 @pytest.mark.slow
-def test_default_smollm2_matches_peft(tmp_path_factory, builders, reference):
-    """The same parity on the default model (SmolLM2-135M-Instruct, 30 layers, tied embeddings)."""
+@pytest.mark.parametrize("cpu_matmul, atol", [("torch", ATOL), ("onednn", ATOL_ONEDNN_30_LAYERS)])
+def test_default_smollm2_matches_peft(tmp_path_factory, builders, reference, cpu_matmul, atol):
+    """The same parity on the default model (SmolLM2-135M-Instruct, 30 layers, tied embeddings):
+    with F.linear, PEFT's own arithmetic, at the issue's bound; with oneDNN (the default) at
+    the bound its summation order needs."""
     from loraplex.server.engine.loader import resolve_model
 
     model_dir = resolve_model(None)
@@ -126,11 +134,12 @@ def test_default_smollm2_matches_peft(tmp_path_factory, builders, reference):
                              use_rslora=True),
         "soft": builders.soft_prompt(model_dir, root / "soft", num_virtual=6, seed=15, scale=0.05),
     }
-    engine = Engine(EngineConfig(max_total_tokens=4096))
+    engine = Engine(EngineConfig(max_total_tokens=4096, cpu_matmul=cpu_matmul))
+    assert engine.prepacked == (cpu_matmul == "onednn")
     for name, path in adapters.items():
         engine.register_adapter(name, str(path))
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox",
              "List three colours: red,"]
     prompts = [engine.tokenizer(t)["input_ids"] for t in texts]
     # soft prompt + LoRA: PEFT's LoRA model fed the soft vectors (merging alone costs ~7e-5 here)
-    _check_parity(engine, model_dir, adapters, reference, prompts=prompts, merge=False)
+    _check_parity(engine, model_dir, adapters, reference, prompts=prompts, merge=False, atol=atol)

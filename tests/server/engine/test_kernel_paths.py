@@ -62,7 +62,7 @@ def test_each_lora_layer_costs_one_shrink_and_one_expand_launch_per_step(tiny_mo
         engine.register_adapter(name, str(tiny_adapters[name]))
     forwards = []
     run = engine.runner.run
-    monkeypatch.setattr(engine.runner, "run", lambda seqs, is_prefill: forwards.append(len(seqs)) or run(seqs, is_prefill))
+    monkeypatch.setattr(engine.runner, "run", lambda chunks: forwards.append(len(chunks)) or run(chunks))
     requests = [Request(prompt_token_ids=[5, 17, 42 + i], adapter=name, request_id=f"r{i}",
                         params=SamplingParams(max_new_tokens=4, ignore_eos=True))
                 for i, name in enumerate(["attn4", "mlp8", "all16", None, "attn4"])]
