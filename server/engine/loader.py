@@ -100,13 +100,17 @@ def load_tokenizer(path: Path):
 
 
 def load_weights(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors model directory (single file or sharded), in `dtype`."""
+    """All tensors of a safetensors model directory (single file or sharded), in `dtype`, in memory
+    of their own: `get_tensor` maps the file, and one tensor kept from that mapping (a tied
+    embedding) would keep every page of the file that loading touched resident beside the
+    engine's own copies (prepacked weights, quantized layers)."""
     files = weight_files(path)
     weights: dict[str, torch.Tensor] = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                weights[key] = f.get_tensor(key).to(dtype)
+                tensor = f.get_tensor(key)
+                weights[key] = tensor.to(dtype) if tensor.dtype != dtype else tensor.clone()
     return weights
 
 
