@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -153,7 +154,8 @@ class AdapterSlots:
         pending = self._reading.get(name)
         if pending is None or pending[0] != entry.path:
             if self._reader is None:
-                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read")
+                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read",
+                                                  initializer=_yield_to_the_engine)
             future = self._reader.submit(load_adapter, entry.path, name, self.base, self.max_rank, self.dtype)
             self._reading[name] = (entry.path, future)
             return False
@@ -261,3 +263,13 @@ class AdapterSlots:
             for i, layer in enumerate(layers):
                 a, b = adapter.weights.get((i, proj), (None, None))
                 layer.write(proj, rank, entry, a, b)
+
+
+def _yield_to_the_engine() -> None:
+    """Run the adapter-read thread at the lowest CPU priority (Linux sets it per thread): on a
+    CPU the engine's steps are parallel regions whose threads all wait for the slowest, so a
+    read that takes a core from one of them stalls every running stream."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: reads still run, unlowered
+        pass

@@ -71,8 +71,10 @@ class LoraLinear(nn.Module):
         old = self.pools[name].get(rank)
         if old is not None and old[0].shape[0] >= capacity:
             return
-        a = torch.zeros(capacity, rank, self.in_features, dtype=dtype, device=device)
-        b = torch.zeros(capacity, out, rank, dtype=dtype, device=device)
+        # uninitialised: `write` zeroes an entry before filling it, and only written entries are read,
+        # so growing touches no memory for entries not yet used (no zero-fill stall on the engine)
+        a = torch.empty(capacity, rank, self.in_features, dtype=dtype, device=device)
+        b = torch.empty(capacity, out, rank, dtype=dtype, device=device)
         if old is not None:
             a[: old[0].shape[0]] = old[0]
             b[: old[1].shape[0]] = old[1]

@@ -19,7 +19,8 @@ sequence's positions (allocated at admission, whatever its first chunk), and a d
 its adapter. A sequence whose adapter is being read, or waits for a free slot, is passed over
 without losing its place. Copying an adapter into a slot takes time on the engine thread, so
 while sequences decode at most one sequence per step is admitted whose adapter is not already
-resident (the others are passed over until a later step).
+resident (the others are passed over until a later step), and that sequence's prefill begins
+in the step after its copy.
 """
 from __future__ import annotations
 
@@ -76,7 +77,9 @@ class Scheduler:
         """First chunks of newly admitted sequences, within `budget` tokens. FIFO by memory; a
         sequence whose adapter waits (being read, no free slot, or, while `decoding`, a second
         adapter to copy into a slot this step) is passed over, keeping its place, so requests for
-        resident adapters and the base model are not held up."""
+        resident adapters and the base model are not held up. While `decoding`, a sequence whose
+        adapter was just copied into its slot gets its first chunk in the next step, so the copy
+        and the adapter's first rows do not land on the running streams in one step."""
         chunks: list[Chunk] = []
         passed_over: list[Sequence] = []
         loaded = False  # an adapter was copied into a slot in this step
@@ -98,6 +101,8 @@ class Scheduler:
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            if decoding and seq.adapter is not None and not resident:
+                continue  # the copy is this step's extra work; its prefill starts next step
             chunks.append(self._chunk(seq, budget))
             budget -= chunks[-1].length
         self.waiting.extendleft(reversed(passed_over))

@@ -247,10 +247,11 @@ def test_at_most_one_adapter_copied_per_step_while_decoding(tiny_model, tiny_ada
         rec.add(r)
     loads_before = engine.slots.loads
     rec.run()
-    admitted = [sorted(c.rid for c in step if c.start == 0) for step in rec.steps[1:4]]
-    # the resident adapter is not held up; the others are copied in one per step, in FIFO order
-    assert admitted == [["attn4", "mlp8"], ["all16"], ["rs2"]]
-    assert [n - loads_before for n in rec.loads[1:4]] == [1, 2, 3]
+    admitted = [sorted(c.rid for c in step if c.start == 0) for step in rec.steps[1:5]]
+    # the resident adapter is not held up; the others are copied in one per step, in FIFO order,
+    # each starting its prefill in the step after its copy
+    assert admitted == [["attn4"], ["mlp8"], ["all16"], ["rs2"]]
+    assert [n - loads_before for n in rec.loads[1:5]] == [1, 2, 3, 3]
     for r in late:
         assert_matches_solo(rec, r, solo)
     assert_idle_and_clean(engine)
