@@ -23,13 +23,18 @@ from .workload import ATTENTION, write_loras
 
 
 def live_tensor_bytes() -> int:
+    """Bytes of every live tensor's storage (shared storages once), prepacked weights included."""
     import torch
 
     gc.collect()
     seen: dict[int, int] = {}
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+                continue
+            if obj.layout == torch._mkldnn:  # prepacked weights (quantize.py) have no storage to ask
+                seen[-id(obj)] = obj.numel() * obj.element_size()
+            else:
                 storage = obj.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
         except Exception:  # noqa: BLE001 - objects half torn down by the collector
