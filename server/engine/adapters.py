@@ -476,10 +476,10 @@ def _read_tensors(
     memory: safetensors 0.8's `safe_open(...).get_tensor` keeps two small objects per call for
     good (about 7 KB per load of a 120-tensor adapter, which a server that registers and deletes
     adapters all day would never give back); `load(bytes)` keeps nothing."""
-    from safetensors.torch import load
+    import safetensors.torch
 
     try:
-        everything = load(weights.read_bytes())
+        everything = safetensors.torch.load(weights.read_bytes())
     except Exception as exc:  # the header was vetted; anything now is I/O or a file changed underneath
         raise AdapterError(f"{where}: cannot read {weights.name}: {exc}") from None
     out: dict[str, torch.Tensor] = {}

@@ -84,9 +84,10 @@ class LoraLinear(nn.Module):
         """Store one adapter's A [r_i, in] and scaled B [out, r_i] (r_i <= rank; the rest stays zero).
         None means the adapter leaves this projection of this layer alone: the entry is zeroed."""
         a_pool, b_pool = self.pools[name][rank]
-        a_pool[entry].zero_()
-        b_pool[entry].zero_()
-        if a is not None:
-            r = a.shape[0]
+        r = 0 if a is None else a.shape[0]
+        if r < rank:  # only the part no copy covers needs zeros (a full-rank copy is one pass)
+            a_pool[entry, r:].zero_()
+            b_pool[entry, :, r:].zero_()
+        if r:
             a_pool[entry, :r].copy_(a)
             b_pool[entry, :, :r].copy_(b)

@@ -560,5 +560,7 @@ def test_module_never_unpickles():
             func = node.func
             if isinstance(func, ast.Attribute) and getattr(func.value, "id", None) == "json":
                 continue
+            if ast.unparse(func) == "safetensors.torch.load":  # parses safetensors bytes; never unpickles
+                continue
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             assert name not in {"load", "loads", "Unpickler", "load_state_dict", "from_pretrained"}, name
