@@ -170,8 +170,9 @@ class AdapterSlots:
 
     def wait_for_reads(self, timeout: float) -> None:
         """Block until a background read finishes (or `timeout` seconds): for an engine with nothing
-        else to run."""
-        pending = [future for _, future in self._reading.values()]
+        else to run. Reads already done (one for a request aborted since) do not count: waiting on
+        them returns at once, and the engine would spin instead of letting the reader run."""
+        pending = [future for _, future in self._reading.values() if not future.done()]
         if pending:
             wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
 

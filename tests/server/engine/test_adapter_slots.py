@@ -440,3 +440,28 @@ def test_adapter_files_are_read_off_the_engine_thread_while_others_run(tiny_mode
         tokens += [t for o in engine.step() if o.request_id == "lora" for t in o.token_ids]
     alone = _engine(tiny_model, {"attn4": tiny_adapters["attn4"]}).generate([lora])[0]
     assert tokens == alone.token_ids and len(tokens) == 3
+
+
+def test_an_idle_engine_waits_for_a_pending_read_not_a_finished_one(tiny_model, tiny_adapters, monkeypatch):
+    """A finished read nobody took (its request was aborted) must not make `wait_for_reads` return
+    at once: an engine with nothing else to run would then spin, keeping the reader off the CPU."""
+    import threading
+    import time
+
+    engine = _engine(tiny_model, {"attn4": tiny_adapters["attn4"], "mlp8": tiny_adapters["mlp8"]})
+    engine.slots.read_ahead(["attn4"])  # read, never acquired
+    gate = threading.Event()
+    real_load = adapter_slots_module.load_adapter
+
+    def slow_load(*args, **kwargs):
+        assert gate.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_slots_module, "load_adapter", slow_load)
+    assert engine.slots.ready("mlp8") is False  # its read starts, held on the gate
+    start = time.monotonic()
+    engine.slots.wait_for_reads(timeout=0.3)
+    assert time.monotonic() - start >= 0.25  # blocked on mlp8's read for the whole timeout
+    gate.set()
+    engine.slots.wait_for_reads(timeout=30)
+    assert engine.slots.ready("mlp8") is True

@@ -584,6 +584,7 @@ def test_abort_frees_blocks_and_slots(tiny_model, tiny_adapters, solo_cache):
     # the freed slot serves another adapter (with two slots and one held by mlp8, a leaked
     # reference on attn4's slot would leave rs2 waiting for ever)
     late = d.add(req(3, "rs2", new=6, rid="late-rs2"))
+    engine.slots.read_ahead(["rs2"])  # its files are in host memory before mlp8 can finish
     steps_before = len(d.steps)
     d.run(limit=200)
     after = [o.request_id for s in d.steps[steps_before:] for o in s]
