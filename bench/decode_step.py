@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,8 +21,10 @@ from .engine_throughput import CEILING_ONEDNN, CEILING_TORCH, ceiling_runs
 from .workload import ATTENTION, make_adapters, prompts
 
 
-def timed_linears(engine) -> dict[str, float]:
-    """Wrap every base projection's forward to add its wall time to the returned dict's 'seconds'."""
+@contextmanager
+def timed_linears() -> Iterator[dict[str, float]]:
+    """While inside, every base projection's forward adds its wall time to the yielded dict's
+    'seconds' (DenseLinear.forward is wrapped, and restored on leaving)."""
     from loraplex.server.engine.quantize import DenseLinear
 
     spent = {"seconds": 0.0}
@@ -33,8 +37,10 @@ def timed_linears(engine) -> dict[str, float]:
         return y
 
     DenseLinear.forward = forward
-    spent["restore"] = lambda: setattr(DenseLinear, "forward", original)
-    return spent
+    try:
+        yield spent
+    finally:
+        DenseLinear.forward = original
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,12 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
     engine.slots.read_ahead([n for n in names if n])
     for _ in range(3):  # the prefill, then two decode steps to warm up
         engine.step()
-    spent = timed_linears(engine)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        engine.step()
-    step = (time.perf_counter() - start) / args.steps
-    spent["restore"]()
+    with timed_linears() as spent:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        step = (time.perf_counter() - start) / args.steps
     ceilings = {}
     for name, run in ceiling_runs(model_dir, args.requests, args.steps).items():
         run()

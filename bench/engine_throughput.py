@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .workload import ATTENTION, Timer, machine, make_adapters, prompts, write_json
 

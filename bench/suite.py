@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                        work=Path(args.work) if args.work else out.parent / "work", quick=args.quick,
                        threads=args.threads)
     command = "loraplex bench " + shlex.join(argv)
-    results, started = [], time.time()
+    results = []
     if args.report_only:
         results = [json.loads((out / f"{name}.json").read_text()) for name in args.scenarios or list(SCENARIOS)
                    if (out / f"{name}.json").is_file()]

@@ -71,8 +71,8 @@ class LoraLinear(nn.Module):
         old = self.pools[name].get(rank)
         if old is not None and old[0].shape[0] >= capacity:
             return
-        # uninitialised: `write` zeroes an entry before filling it, and only written entries are read,
-        # so growing touches no memory for entries not yet used (no zero-fill stall on the engine)
+        # uninitialised: `write` fills a whole entry (the adapter's columns, zeros past its rank) and
+        # only written entries are read, so growing touches no memory for entries not yet used
         a = torch.empty(capacity, rank, self.in_features, dtype=dtype, device=device)
         b = torch.empty(capacity, out, rank, dtype=dtype, device=device)
         if old is not None:

@@ -60,10 +60,10 @@ class ModelRunner:
         per_seq = dict(zip((id(s) for s in ordered), logits.split([s.num_tokens for s in ordered])))
         return torch.cat([per_seq[id(s)] for s in seqs])
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Flat cache rows of positions [start, end) of `seq`."""
-        bs, table = self.blocks.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+    def _slot(self, seq: Sequence, position: int) -> int:
+        """Flat cache row (block * block_size + offset) of `position` of `seq`."""
+        bs = self.blocks.block_size
+        return seq.block_table[position // bs] * bs + position % bs
 
     def _chunk_batch(self, chunks: list[Chunk], all_logits: bool = False) -> ForwardBatch:
         """Inputs of any chunks, rows in `chunks` order. Attention is one padded prefill when every
@@ -75,8 +75,8 @@ class ModelRunner:
             seq = c.seq
             ids += seq.chunk_ids(c.start, c.end)
             positions += range(c.start, c.end)
-            slots += self._slots(seq, c.start, c.end)
-            virtual = max(0, min(c.end, seq.num_virtual) - c.start)  # soft-prompt positions in the chunk
+            slots += [self._slot(seq, p) for p in range(c.start, c.end)]
+            virtual = seq.num_virtual_in(c.start, c.end)
             if virtual:
                 soft_rows += range(row, row + virtual)
                 soft_vectors.append(seq.soft_prompt[c.start:c.start + virtual])
@@ -130,9 +130,7 @@ class ModelRunner:
         dev = self.device
         bs = self.blocks.block_size
         positions = [s.num_tokens - 1 for s in seqs]
-        slot_mapping = torch.tensor(
-            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)], dtype=torch.long, device=dev
-        )
+        slot_mapping = torch.tensor([self._slot(s, p) for s, p in zip(seqs, positions)], dtype=torch.long, device=dev)
         return ForwardBatch(
             input_ids=torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),

@@ -88,6 +88,7 @@ class Scheduler:
             if not self.blocks.can_allocate(seq.num_tokens):
                 break
             self.waiting.popleft()
+            resident = True  # no adapter: nothing to copy
             if seq.adapter is not None:
                 resident = self.slots.is_resident(seq.adapter)
                 if not self.slots.ready(seq.adapter) or (decoding and loaded and not resident):
@@ -101,7 +102,7 @@ class Scheduler:
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            if decoding and seq.adapter is not None and not resident:
+            if decoding and not resident:
                 continue  # the copy is this step's extra work; its prefill starts next step
             chunks.append(self._chunk(seq, budget))
             budget -= chunks[-1].length

@@ -106,12 +106,16 @@ class Sequence:
         """Whether positions before the last still lack KV entries (a decode computes only the last)."""
         return self.num_computed < self.num_tokens - 1
 
+    def num_virtual_in(self, start: int, end: int) -> int:
+        """How many of positions [start, end) are soft-prompt (virtual) positions."""
+        return max(0, min(end, self.num_virtual) - start)
+
     def chunk_ids(self, start: int, end: int) -> list[int]:
         """Token ids fed at positions [start, end): 0 at virtual positions (their soft-prompt vectors
         replace the embedding), then the prompt and the generated tokens (recomputed after a
         preemption)."""
         nv = self.num_virtual
-        virtual = max(0, min(end, nv) - start)
+        virtual = self.num_virtual_in(start, end)
         lo, hi = max(start, nv) - nv, max(end, nv) - nv  # [lo, hi) of prompt_ids + output_ids
         n = len(self.prompt_ids)
         return [0] * virtual + self.prompt_ids[lo:hi] + self.output_ids[max(lo - n, 0):max(hi - n, 0)]
