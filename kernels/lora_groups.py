@@ -11,6 +11,59 @@ from dataclasses import dataclass
 
 import torch
 
+# The padded layout is used while it reads at most this many pool entries per entry in use, and
+# computes at most this many padded rows per served row.
+PAD_MAX_SPAN_PER_ENTRY = 2
+PAD_MAX_ROWS_PER_ROW = 2
+
+
+@dataclass(frozen=True)
+class PaddedRows:
+    """Served rows placed in a zero-padded [entries, rows_per_entry] grid over the pool entries
+    entry_lo .. entry_lo + entries - 1: row i of the served rows sits at grid row index[i]
+    (entry - entry_lo) * rows_per_entry + (its rank among that entry's rows).
+    index is None when the grid is exactly the served rows in order (no scatter or gather)."""
+
+    entry_lo: int
+    entries: int
+    rows_per_entry: int
+    index: torch.Tensor | None
+
+    @staticmethod
+    def plan(seg_lens: list[int], seg_slots: list[int], device: torch.device | str) -> PaddedRows | None:
+        """The grid for these segments, or None where it would waste more than the limits above."""
+        used = [(n, e) for n, e in zip(seg_lens, seg_slots) if n > 0]
+        if len(used) < 2:
+            return None
+        per_entry: dict[int, int] = {}
+        for n, e in used:
+            per_entry[e] = per_entry.get(e, 0) + n
+        lo, hi = min(per_entry), max(per_entry)
+        span, m, num_rows = hi - lo + 1, max(per_entry.values()), sum(per_entry.values())
+        if span > PAD_MAX_SPAN_PER_ENTRY * len(per_entry) or span * m > PAD_MAX_ROWS_PER_ROW * num_rows:
+            return None
+        if span * m == num_rows and [e for _, e in used] == list(range(lo, hi + 1)):
+            return PaddedRows(lo, span, m, None)  # entries in order, each with m rows: the identity
+        filled = dict.fromkeys(per_entry, 0)
+        index = []
+        for n, e in used:
+            first = (e - lo) * m + filled[e]
+            index.extend(range(first, first + n))
+            filled[e] += n
+        return PaddedRows(lo, span, m, torch.tensor(index, dtype=torch.long).to(device))
+
+    def pad(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [n, d] -> grid [entries, rows_per_entry, d] (zeros where no row sits)."""
+        if self.index is None:
+            return rows.reshape(self.entries, self.rows_per_entry, rows.shape[1])
+        grid = rows.new_zeros(self.entries * self.rows_per_entry, rows.shape[1])
+        return grid.index_copy_(0, self.index, rows).view(self.entries, self.rows_per_entry, rows.shape[1])
+
+    def unpad(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid [entries, rows_per_entry, d] -> the served rows [n, d]."""
+        flat = grid.reshape(self.entries * self.rows_per_entry, grid.shape[2])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
 
 @dataclass(frozen=True)
 class TokenGroups:
@@ -24,6 +77,7 @@ class TokenGroups:
     seg_slots:   [G] long, pool entry of each segment.
     row_slots:   [n] long, pool entry of each row (the decode, one-token-per-request form).
     seg_offsets: G cumulative segment ends as int32 (the form `grouped_mm` takes).
+    padded:      the rows as a grid over a range of pool entries, when that wastes little.
     """
 
     rows: torch.Tensor | None
@@ -33,6 +87,7 @@ class TokenGroups:
     seg_slots: torch.Tensor
     row_slots: torch.Tensor
     seg_offsets: torch.Tensor
+    padded: PaddedRows | None = None
 
     @property
     def num_segments(self) -> int:
@@ -41,7 +96,7 @@ class TokenGroups:
     @staticmethod
     def build(
         seg_row_starts: list[int], seg_lens: list[int], seg_slots: list[int], device: torch.device | str = "cpu"
-    ) -> "TokenGroups":
+    ) -> TokenGroups:
         """Groups from per-segment (first row, length, pool entry), segments in row order."""
         num_rows = sum(seg_lens)
         contiguous = all(
@@ -65,6 +120,7 @@ class TokenGroups:
             seg_slots=slots.to(device),
             row_slots=torch.repeat_interleave(slots, lens).to(device),
             seg_offsets=torch.cumsum(lens, 0).to(torch.int32).to(device),
+            padded=PaddedRows.plan(seg_lens, seg_slots, device),
         )
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:

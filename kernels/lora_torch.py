@@ -1,6 +1,9 @@
 """Vectorised PyTorch LoRA ops (the CPU serving path). See `lora_reference` for the meaning.
 
-Two forms, the same result:
+Three forms, the same result:
+- padded form (the entries in use are nearly a contiguous range of the pool, the usual case):
+  the rows are laid out as [entries, rows per entry] and one batched matmul reads that range
+  of the pool in place. Decode is bound by reading adapter weights, and this reads each once;
 - gather form (decode, about one token per adapter): each token's weights are gathered from
   the pool and one batched row-times-matrix product serves every token;
 - segment form (prefill, many tokens per adapter): one matmul per active adapter over its
@@ -20,8 +23,20 @@ from .lora_groups import TokenGroups
 GATHER_ROWS_PER_SEGMENT = 2
 
 
-def _use_gather_form(groups: TokenGroups) -> bool:
-    return groups.num_rows <= GATHER_ROWS_PER_SEGMENT * groups.num_segments
+def form_of(groups: TokenGroups) -> str:
+    """Which form serves these groups: "mm", "padded", "gather" or "segment"."""
+    if groups.num_segments == 1:
+        return "mm"
+    if groups.padded is not None:
+        return "padded"
+    return "gather" if groups.num_rows <= GATHER_ROWS_PER_SEGMENT * groups.num_segments else "segment"
+
+
+def _padded_matmul(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
+    """x [n, k], pool [S, m, k] -> [n, m]: each row times its entry's w^T, the entries read in place."""
+    p = groups.padded
+    w = pool[p.entry_lo : p.entry_lo + p.entries]  # a view: no weight is copied
+    return p.unpad(torch.bmm(p.pad(x), w.transpose(1, 2)))
 
 
 def _segment_matmul(x: torch.Tensor, w: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
@@ -50,9 +65,12 @@ def _per_row(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.
 
 def _apply(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
     """The same product as PEFT's nn.Linear layers, F.linear(x, w), for each row's own w."""
-    if groups.num_segments == 1:
+    form = form_of(groups)
+    if form == "mm":
         return F.linear(x, pool[int(groups.seg_slots[0])])
-    if _use_gather_form(groups):
+    if form == "padded":
+        return _padded_matmul(x, pool, groups)
+    if form == "gather":
         return _per_row(x, pool, groups)
     return _segment_matmul(x, pool.index_select(0, groups.seg_slots), groups)
 

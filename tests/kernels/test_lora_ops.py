@@ -30,16 +30,22 @@ NUM_POOL_ENTRIES = 5  # pool entries [S, r, in]; segments use entries out of ord
 LAYOUTS = {
     # exactly one segment: plain mm
     "single": (12, [3], [7], [1], "mm"),
-    # one token per segment (decode): gather + bmm, contiguous rows
-    "decode": (9, [0, 1, 2, 3, 4, 5], [1] * 6, [2, 0, 4, 2, 1, 3], "bmm"),
-    # decode with rows without adapter between segments: `rows` is an index tensor
-    "decode_gaps": (10, [0, 2, 3, 7, 9], [1] * 5, [3, 3, 0, 4, 1], "bmm"),
+    # decode, each entry of a contiguous range once and in order: the padded grid is the rows
+    "decode_in_order": (7, [1, 2, 3, 4], [1] * 4, [1, 2, 3, 4], "padded"),
+    # decode over nearly all entries, out of order and repeated: a padded grid with an index
+    "decode": (9, [0, 1, 2, 3, 4, 5], [1] * 6, [2, 0, 4, 2, 1, 3], "padded"),
+    # the same with rows without adapter between segments: `rows` is an index tensor
+    "decode_gaps": (10, [0, 2, 3, 7, 9], [1] * 5, [3, 3, 0, 4, 1], "padded"),
+    # decode over few, far apart entries (a grid would read unused ones): gather + bmm
+    "decode_sparse": (8, [0, 1, 2, 3, 4, 5], [1] * 6, [0, 4, 0, 4, 0, 4], "gather"),
     # rows == 2 * segments is still the gather form (the boundary)
-    "gather_boundary": (8, [1, 2], [1, 3], [4, 0], "bmm"),
-    # long segments (prefill): grouped_mm, contiguous rows
-    "prefill": (17, [0, 5, 12], [5, 7, 3], [0, 2, 1], "grouped_mm"),
+    "gather_boundary": (8, [1, 2], [1, 3], [4, 0], "gather"),
+    # long segments (prefill) over a contiguous range: padded, contiguous rows
+    "prefill": (17, [0, 5, 12], [5, 7, 3], [0, 2, 1], "padded"),
+    # one long and one short segment (a grid would pad the short one): grouped_mm
+    "prefill_unbalanced": (20, [0, 16], [16, 2], [0, 3], "segment"),
     # prefill with gaps (and one entry used by two segments): grouped_mm over gathered rows
-    "prefill_gaps": (22, [1, 9, 14, 19], [6, 3, 5, 2], [3, 1, 3, 0], "grouped_mm"),
+    "prefill_gaps": (22, [1, 9, 14, 19], [6, 3, 5, 2], [3, 1, 3, 0], "segment"),
 }
 SHAPES = [(72, 40), (200, 136)]  # (in_features, out_features): not powers of two
 RANKS = [1, 2, 3, 4, 8, 13, 16, 64, 128]
@@ -111,10 +117,13 @@ def test_shrink_expand_match_reference_and_dense(layout, rank, dtype, in_f, out_
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_take_the_intended_torch_form(layout, monkeypatch):
-    """Each layout above really exercises the form it is named for (mm / bmm / grouped_mm)."""
+    """Each layout above really exercises the form it is named for, and the padded form reads
+    its pool range in place (no index_select of the pool)."""
     T, starts, lens, slots, form = LAYOUTS[layout]
-    calls = {"bmm": 0, "grouped_mm": 0}
+    calls = {"bmm": 0, "grouped_mm": 0, "pool gathers": 0}
     real_bmm, real_grouped = torch.bmm, F.grouped_mm
+    x, a_pool, b_pool, y = _operands(T, 72, 40, 8, torch.float32, seed=1)
+    real_select = torch.Tensor.index_select
 
     def bmm(*a, **k):
         calls["bmm"] += 1
@@ -124,14 +133,35 @@ def test_layouts_take_the_intended_torch_form(layout, monkeypatch):
         calls["grouped_mm"] += 1
         return real_grouped(*a, **k)
 
+    def index_select(t, *a, **k):
+        calls["pool gathers"] += t.data_ptr() in (a_pool.data_ptr(), b_pool.data_ptr())
+        return real_select(t, *a, **k)
+
     monkeypatch.setattr(lora_torch.torch, "bmm", bmm)
     monkeypatch.setattr(lora_torch.F, "grouped_mm", grouped_mm)
-    x, a_pool, b_pool, y = _operands(T, 72, 40, 8, torch.float32, seed=1)
+    monkeypatch.setattr(torch.Tensor, "index_select", index_select)
     groups = TokenGroups.build(starts, lens, slots)
+    assert lora_torch.form_of(groups) == form
     lora_torch.lora_expand(lora_torch.lora_shrink(x, a_pool, groups), b_pool, groups, y)
-    expected = {"mm": {"bmm": 0, "grouped_mm": 0}, "bmm": {"bmm": 2, "grouped_mm": 0},
-                "grouped_mm": {"bmm": 0, "grouped_mm": 2}}[form]
-    assert calls == expected
+    expected = {"mm": (0, 0, 0), "padded": (2, 0, 0), "gather": (2, 0, 2), "segment": (0, 2, 2)}[form]
+    assert (calls["bmm"], calls["grouped_mm"], calls["pool gathers"]) == expected
+
+
+def test_padded_rows_place_each_row_by_entry():
+    g = TokenGroups.build([0, 1, 2, 3, 4, 5], [1] * 6, [2, 0, 4, 2, 1, 3])
+    p = g.padded
+    assert (p.entry_lo, p.entries, p.rows_per_entry) == (0, 5, 2)
+    assert p.index.tolist() == [4, 0, 8, 5, 2, 6]  # entry 2 twice: grid rows 4 and 5
+    rows = torch.arange(6.0).unsqueeze(1)
+    grid = p.pad(rows)
+    assert grid.shape == (5, 2, 1) and grid.flatten().tolist() == [1, 0, 4, 0, 0, 3, 5, 0, 2, 0]
+    assert torch.equal(p.unpad(grid), rows)
+
+    g = TokenGroups.build([3, 5], [2, 2], [6, 7])  # in order, two rows each: no index at all
+    assert (g.padded.entry_lo, g.padded.entries, g.padded.rows_per_entry, g.padded.index) == (6, 2, 2, None)
+    assert TokenGroups.build([0, 1], [1, 1], [0, 9]).padded is None  # would read 10 entries for 2
+    assert TokenGroups.build([0, 10, 11], [10, 1, 1], [0, 1, 2]).padded is None  # 30 grid rows for 12
+    assert TokenGroups.build([0], [4], [3]).padded is None  # one segment: a plain mm
 
 
 def test_token_groups_build_contiguous_and_gathered():
