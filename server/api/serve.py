@@ -90,7 +90,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
 
     from .admin_service import AdminService
     from .auth import AuthInterceptor
-    from .engine_loop import EngineLoop
+    from .engine_loop import EngineLoop, EngineThread
     from .generate_request import ServerDefaults
     from .inference_service import InferenceService
     from .kserve_service import KServeService
@@ -100,24 +100,25 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     from .server_state import ServerState
 
     try:
-        engine = await asyncio.to_thread(Engine, engine_config(args))
+        engine_thread = EngineThread()
+        engine = await engine_thread.run(Engine, engine_config(args))
         store = AdapterStore(args.store, max_adapter_bytes=args.max_adapter_bytes, blobs=args.blobs,
                              cache=Path(args.blob_cache))
     except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    refused = restore_adapters(engine, store)
+    refused = await engine_thread.run(restore_adapters, engine, store)
     if args.merge:
         try:
             ref = store.get(args.merge).ref
-            engine.merge_adapter(ref, static=True)
+            await engine_thread.run(lambda: engine.merge_adapter(ref, static=True))
         except (StoreError, AdapterError) as exc:  # a usage error at start-up
             print(f"error: --merge {args.merge}: {exc}", file=sys.stderr)
             return 2
     metrics = Metrics(args.max_endpoint_labels)
     metrics.registered.set(len(store.list()))
     hook = MetricsHook(metrics)
-    engine_loop = EngineLoop(engine, args.max_queue, on_step=hook.step, on_change=hook.gauges)
+    engine_loop = EngineLoop(engine, args.max_queue, on_step=hook.step, on_change=hook.gauges, thread=engine_thread)
     state = ServerState(engine_loop, store, metrics,
                         ServerDefaults(args.default_max_new_tokens, args.max_new_tokens_limit),
                         model_name=str(args.model or engine.model_path))

@@ -18,9 +18,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["auto", "torch", "triton", "reference"], default="auto")
     g.add_argument("--max-running", type=int, default=64, help="sequences decoding at once")
     g.add_argument("--max-batch-tokens", type=int, default=4096, help="prompt tokens prefilled per step")
-    g.add_argument("--prefill-chunk-tokens", type=int, default=256,
+    g.add_argument("--prefill-chunk-tokens", type=_int_or_auto, default=None, metavar="N|auto",
                    help="prompt tokens prefilled per step while other requests decode (longer prompts are "
-                        "split across steps, so running streams keep producing tokens)")
+                        "split across steps, so running streams keep producing tokens); auto (the default): "
+                        "on a CPU the number of decoding requests plus 16, so a step stays within about "
+                        "twice a decode-only step; 256 on a GPU")
     g.add_argument("--max-total-tokens", type=int, default=32768, help="KV-cache capacity in tokens")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     g.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
@@ -58,3 +60,12 @@ def name_and_path(value: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
     return name, path
+
+
+def _int_or_auto(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None

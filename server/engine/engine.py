@@ -77,7 +77,7 @@ class Engine:
             self.dtype, self.device,
         )
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens,
-                                   config.prefill_chunk_tokens)
+                                   config.chunk_tokens())
         self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
         self.sampler = Sampler()
         self.runner.quantized = config.quantize != "none"

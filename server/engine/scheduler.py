@@ -14,6 +14,12 @@ without KV entries (`num_computed`). Per step:
    A prompt longer than what is left of the budget takes what is left and continues next step;
    only the chunk that reaches a sequence's end samples a token.
 
+With `prefill_chunk_tokens` None (auto, the CPU default) the budget while decoding is the
+number of decoding sequences plus `AUTO_PREFILL_EXTRA_TOKENS`. On a CPU a step's cost is a
+floor (reading the weights, worth about that many tokens of compute) plus a cost per token, so
+that budget keeps a step within about twice the decode-only step: the streams' gap between
+tokens stays bounded while newcomers prefill, at the price of their time to first token.
+
 Admission is FIFO and needs room under `max_running`, enough free KV blocks for all the
 sequence's positions (allocated at admission, whatever its first chunk), and a device slot for
 its adapter. A sequence whose adapter is being read, or waits for a free slot, is passed over
@@ -32,12 +38,13 @@ from .adapters import AdapterError
 from .block_manager import BlockManager
 from .sequence import Chunk, Sequence, Status
 
+AUTO_PREFILL_EXTRA_TOKENS = 16
 Failure = tuple[Sequence, str, str]  # (sequence, message, status name: RESOURCE_EXHAUSTED or INTERNAL)
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, slots: AdapterSlots, max_running: int, max_batch_tokens: int,
-                 prefill_chunk_tokens: int = 256) -> None:
+                 prefill_chunk_tokens: int | None = 256) -> None:
         self.blocks = blocks
         self.slots = slots
         self.max_running = max_running
@@ -59,7 +66,7 @@ class Scheduler:
         failed: list[Failure] = []
         running = self._make_room()
         decodes = [Chunk(s, s.num_computed, 1) for s in running if not s.is_prefilling]
-        budget = min(self.prefill_chunk_tokens, self.max_batch_tokens) if decodes else self.max_batch_tokens
+        budget = min(self._chunk_budget(len(decodes)), self.max_batch_tokens) if decodes else self.max_batch_tokens
         chunks = list(decodes)
         for seq in running:
             if seq.is_prefilling and budget > 0:
@@ -67,6 +74,11 @@ class Scheduler:
                 budget -= chunks[-1].length
         chunks += self._admit(budget, bool(decodes), failed)
         return chunks, failed
+
+    def _chunk_budget(self, num_decoding: int) -> int:
+        if self.prefill_chunk_tokens is None:
+            return num_decoding + AUTO_PREFILL_EXTRA_TOKENS
+        return self.prefill_chunk_tokens
 
     @staticmethod
     def _chunk(seq: Sequence, budget: int) -> Chunk:

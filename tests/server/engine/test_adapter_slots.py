@@ -465,3 +465,23 @@ def test_an_idle_engine_waits_for_a_pending_read_not_a_finished_one(tiny_model, 
     gate.set()
     engine.slots.wait_for_reads(timeout=30)
     assert engine.slots.ready("mlp8") is True
+
+
+def test_the_reader_runs_torch_on_one_thread_and_leaves_the_engines_count(tiny_model, tiny_adapters, monkeypatch):
+    """A second OpenMP team (the reader's own parallel ops) slows every later engine step, so the
+    reader's torch ops run single-threaded; the thread count is per thread, so the engine's stays."""
+    import torch
+
+    torch.set_num_threads(2)
+    engine = _engine(tiny_model, {"attn4": tiny_adapters["attn4"]})
+    seen = []
+    real_load = adapter_slots_module.load_adapter
+
+    def load(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_slots_module, "load_adapter", load)
+    engine.slots.read_ahead(["attn4"])
+    assert seen == [1]
+    assert torch.get_num_threads() == 2

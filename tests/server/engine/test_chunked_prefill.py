@@ -234,6 +234,29 @@ def test_request_arriving_mid_decode_is_chunked_and_stalls_no_stream(tiny_model,
     assert_idle_and_clean(engine)
 
 
+def test_auto_budget_is_the_decoding_rows_plus_a_floor(tiny_model, tiny_adapters, solo):
+    """The default (auto) budget while 3 sequences decode: 3 + 16 prompt positions per step."""
+    from loraplex.server.engine.scheduler import AUTO_PREFILL_EXTRA_TOKENS
+
+    engine = make_engine(tiny_model, tiny_adapters)
+    assert engine.scheduler.prefill_chunk_tokens is None
+    make_resident(engine, "attn4")
+    early = [req(p, f"early-{i}", new=30) for i, p in enumerate(PROMPTS[:3])]
+    late = req(LONG * 3, "late-long", "attn4", new=4)  # 60 prompt positions
+    rec = Recorder(engine)
+    for r in early:
+        rec.add(r)
+    rec.step()
+    rec.add(late)
+    rec.run()
+    budget = len(early) + AUTO_PREFILL_EXTRA_TOKENS
+    prefill = [c for _, c in rec.chunks_of("late-long") if not c.is_decode]
+    assert [c.length for c in prefill] == [budget, budget, budget, 60 - 3 * budget]
+    for r in [*early, late]:
+        assert_matches_solo(rec, r, solo)
+    assert_idle_and_clean(engine)
+
+
 def test_at_most_one_adapter_copied_per_step_while_decoding(tiny_model, tiny_adapters, solo):
     engine = make_engine(tiny_model, tiny_adapters)
     make_resident(engine, "attn4")
@@ -331,7 +354,13 @@ def test_prefill_chunk_tokens_flag_and_validation():
 
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
-    assert engine_config(parser.parse_args([])).prefill_chunk_tokens == 256
+    assert engine_config(parser.parse_args([])).prefill_chunk_tokens is None  # auto
+    assert engine_config(parser.parse_args(["--prefill-chunk-tokens", "auto"])).prefill_chunk_tokens is None
     assert engine_config(parser.parse_args(["--prefill-chunk-tokens", "32"])).prefill_chunk_tokens == 32
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--prefill-chunk-tokens", "lots"])
     with pytest.raises(ValueError, match="prefill_chunk_tokens must be at least 1, got 0"):
         EngineConfig(prefill_chunk_tokens=0).validate()
+    assert EngineConfig(device="cpu").chunk_tokens() is None  # the scheduler's auto budget
+    assert EngineConfig(device="cpu", prefill_chunk_tokens=32).chunk_tokens() == 32
+    assert EngineConfig(device="cuda").chunk_tokens() == 256

@@ -221,8 +221,9 @@ def test_max_batch_tokens_splits_prefills(tiny_model, tiny_adapters, solo_cache)
         assert got.token_ids == solo_cache(r).token_ids
 
     # with room for two 10-token prompts per step, two prefills suffice for four prompts (the
-    # second one shares its step with the first two requests' decodes)
-    engine2 = make_engine(tiny_model, tiny_adapters, max_batch_tokens=20)
+    # second one shares its step with the first two requests' decodes; a fixed chunk budget, as the
+    # auto one would be 2 decodes + 16 there)
+    engine2 = make_engine(tiny_model, tiny_adapters, max_batch_tokens=20, prefill_chunk_tokens=256)
     prefills.clear()
     run = engine2.runner.run
     engine2.runner.run = recording
