@@ -83,11 +83,18 @@ class LoraLinear(nn.Module):
     def write(self, name: str, rank: int, entry: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Store one adapter's A [r_i, in] and scaled B [out, r_i] (r_i <= rank; the rest stays zero).
         None means the adapter leaves this projection of this layer alone: the entry is zeroed."""
+        copies, zeros = self.plan_write(name, rank, entry, a, b)
+        for dst, src in copies:
+            dst.copy_(src)
+        for dst in zeros:
+            dst.zero_()
+
+    def plan_write(self, name: str, rank: int, entry: int, a: torch.Tensor | None, b: torch.Tensor | None
+                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """`write` as (destination, source) copies and destinations to zero, so that a whole adapter
+        can be stored in one call (`torch._foreach_copy_`). Only the part no copy covers needs zeros."""
         a_pool, b_pool = self.pools[name][rank]
         r = 0 if a is None else a.shape[0]
-        if r < rank:  # only the part no copy covers needs zeros (a full-rank copy is one pass)
-            a_pool[entry, r:].zero_()
-            b_pool[entry, :, r:].zero_()
-        if r:
-            a_pool[entry, :r].copy_(a)
-            b_pool[entry, :, :r].copy_(b)
+        zeros = [a_pool[entry, r:], b_pool[entry, :, r:]] if r < rank else []
+        copies = [(a_pool[entry, :r], a), (b_pool[entry, :, :r], b)] if r else []
+        return copies, zeros

@@ -560,7 +560,31 @@ def test_module_never_unpickles():
             func = node.func
             if isinstance(func, ast.Attribute) and getattr(func.value, "id", None) == "json":
                 continue
-            if ast.unparse(func) == "safetensors.torch.load":  # parses safetensors bytes; never unpickles
-                continue
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             assert name not in {"load", "loads", "Unpickler", "load_state_dict", "from_pretrained"}, name
+
+
+def test_tensors_read_by_hand_equal_safetensors_own_reader(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from loraplex.server.engine.safetensors_header import read_header
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"a16": torch.randn(3, 5, generator=gen).half(), "abf": torch.randn(7, generator=gen).bfloat16(),
+               "b32": torch.randn(4, 2, 3, generator=gen), "c64": torch.randn(2, 2, generator=gen).double(),
+               "empty": torch.zeros(0, 4)}
+    weights = tmp_path / "w.safetensors"
+    save_file(tensors, str(weights))
+    infos = read_header(weights, "test", 1 << 30)
+    got = ad._read_tensors(weights, list(tensors), infos, "test")
+    expected = load_file(str(weights))
+    for key, t in expected.items():
+        assert got[key].dtype == t.dtype and got[key].shape == t.shape and torch.equal(got[key], t), key
+        assert got[key].is_contiguous() and got[key].data_ptr() % 16 == 0, key
+
+    save_file({**tensors, "b32": torch.randn(4, 3, 2, generator=gen)}, str(weights))  # rewritten after vetting
+    with pytest.raises(AdapterError, match="'b32' changed on disk while loading"):
+        ad._read_tensors(weights, ["b32"], infos, "test")
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated underneath
+    with pytest.raises(AdapterError, match="test: "):
+        ad._read_tensors(weights, ["b32"], infos, "test")

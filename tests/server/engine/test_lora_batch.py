@@ -25,6 +25,15 @@ def test_rank_table_assigns_entries_and_grows_by_doubling():
     assert max(seen) < table.capacity[8]
 
 
+def test_a_reserving_table_makes_each_rank_class_once_at_full_size():
+    table = RankTable(reserve=6)
+    grew = [table.assign(slot, 8)[1] for slot in range(6)] + [table.assign(6, 16)[1]]
+    assert grew == [True, False, False, False, False, False, True]
+    assert table.capacity == {8: 6, 16: 6}
+    table.release(2)
+    assert table.assign(7, 8) == (2, False)
+
+
 def test_rank_classes_have_their_own_entries_and_capacity():
     table = RankTable()
     assert table.assign(0, 4) == (0, True)
