@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--distinct", type=int, default=0, help="distinct rank-16 q,k,v,o adapters (0: base model)")
     p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--max-loras", type=int, help="adapter slots (default: --distinct)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cpu-matmul", default="auto", choices=["auto", "onednn", "torch"])
     p.add_argument("--out", default="bench/out", help="directory for generated adapters")
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.server.engine.sequence import Request
 
     model_dir = resolve_model(None)
-    engine = Engine(EngineConfig(threads=args.threads, max_loras=max(1, args.distinct),
+    engine = Engine(EngineConfig(threads=args.threads, max_loras=args.max_loras or max(1, args.distinct),
                                  max_running=args.requests, cpu_matmul=args.cpu_matmul))
     names: list[str | None] = [None] * args.requests
     if args.distinct:

@@ -129,8 +129,8 @@ def run(ctx: BenchContext) -> dict:
                           "longest ÷ median", "failed"], stall_rows)],
         "plots": [plot("phases", "adapter load phases against rank", "rank", "ms", series)],
         "checks": checks,
-        "notes": ["Loads run on the engine thread between two steps, so a running stream waits for every "
-                  "adapter loaded before its next token.",
+        "notes": ["Files are read on a low-priority background thread; only the copy into a slot runs on the "
+                  "engine thread, at most one adapter per step while others decode.",
                   "Gaps are measured by the client on the same cores, so they include its own scheduling jitter."],
         "data": {"phases": rows, "stalls": stall},
     }
