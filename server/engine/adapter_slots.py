@@ -26,7 +26,7 @@ import torch
 from .adapter_errors import SlotsExhausted
 from .adapters import AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter
 from .lora_batch import RankTable
-from .lora_layer import LoraLinear
+from .lora_layer import LoraLinear, store
 
 
 @dataclass
@@ -256,9 +256,7 @@ class AdapterSlots:
         self.loads += 1
 
     def _write(self, adapter: LoraAdapter, slot: int) -> None:
-        """Copy the adapter into its pool entries: two torch calls for the whole adapter. Hundreds of
-        small copies would each hand the GIL to the background reader and wait to get it back (a
-        low-priority thread the OS may have set aside): a 10 ms copy took 50-140 ms during reads."""
+        """Copy the adapter into its pool entries, all layers in one `store`."""
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         zeros: list[torch.Tensor] = []
         for proj, rank in adapter.ranks.items():
@@ -273,10 +271,7 @@ class AdapterSlots:
                 layer_copies, layer_zeros = layer.plan_write(proj, rank, entry, a, b)
                 copies += layer_copies
                 zeros += layer_zeros
-        if copies:
-            torch._foreach_copy_([dst for dst, _ in copies], [src for _, src in copies])
-        if zeros:
-            torch._foreach_zero_(zeros)
+        store(copies, zeros)
 
 
 # Linux niceness of the adapter-read thread. Against a busy engine thread (nice 0) it gets about

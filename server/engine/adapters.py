@@ -50,7 +50,7 @@ from .peft_config import (
     pattern_value,
     read_adapter_config,
 )
-from .safetensors_header import TensorInfo, read_header
+from .safetensors_header import FLOAT_DTYPES, TensorInfo, read_header
 
 __all__ = [
     "PROJECTIONS",
@@ -471,9 +471,6 @@ def _needed_keys(plan: _Plan) -> list[str]:
     return [k for module in plan.lora.values() for k in (module.key_a, module.key_b)]
 
 
-_TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-
-
 def _read_tensors(
     weights: Path, keys: list[str], infos: dict[str, TensorInfo], where: str
 ) -> dict[str, torch.Tensor]:
@@ -493,15 +490,17 @@ def _read_tensors(
         header = json.loads(data[8 : 8 + header_len])
     except (OSError, ValueError, struct.error) as exc:  # vetted already: I/O, or changed underneath
         raise AdapterError(f"{where}: cannot read {weights.name}: {exc}") from None
+    if got != len(data):
+        raise AdapterError(f"{where}: {weights.name} changed on disk while loading; try again")
     start = 8 + header_len
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         info, entry = infos[key], header.get(key)
-        if (got != len(data) or not isinstance(entry, dict) or entry.get("dtype") != info.dtype
+        if (not isinstance(entry, dict) or entry.get("dtype") != info.dtype
                 or tuple(entry.get("shape", ())) != info.shape or entry.get("data_offsets") != [info.begin, info.end]
                 or start + info.end > len(data)):
             raise AdapterError(f"{where}: {key!r} changed on disk while loading; try again")
-        dtype = _TORCH_DTYPES[info.dtype]
+        dtype = FLOAT_DTYPES[info.dtype]
         if info.end == info.begin:  # frombuffer refuses an empty span
             out[key] = torch.empty(info.shape, dtype=dtype)
             continue

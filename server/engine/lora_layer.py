@@ -71,8 +71,8 @@ class LoraLinear(nn.Module):
         old = self.pools[name].get(rank)
         if old is not None and old[0].shape[0] >= capacity:
             return
-        # uninitialised: `write` fills a whole entry (the adapter's columns, zeros past its rank) and
-        # only written entries are read, so growing touches no memory for entries not yet used
+        # uninitialised: a `plan_write` fills a whole entry (the adapter's columns, zeros past its
+        # rank) and only written entries are read, so growing touches no memory for unused entries
         a = torch.empty(capacity, rank, self.in_features, dtype=dtype, device=device)
         b = torch.empty(capacity, out, rank, dtype=dtype, device=device)
         if old is not None:
@@ -80,21 +80,25 @@ class LoraLinear(nn.Module):
             b[: old[1].shape[0]] = old[1]
         self.pools[name][rank] = (a, b)
 
-    def write(self, name: str, rank: int, entry: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Store one adapter's A [r_i, in] and scaled B [out, r_i] (r_i <= rank; the rest stays zero).
-        None means the adapter leaves this projection of this layer alone: the entry is zeroed."""
-        copies, zeros = self.plan_write(name, rank, entry, a, b)
-        for dst, src in copies:
-            dst.copy_(src)
-        for dst in zeros:
-            dst.zero_()
-
     def plan_write(self, name: str, rank: int, entry: int, a: torch.Tensor | None, b: torch.Tensor | None
                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-        """`write` as (destination, source) copies and destinations to zero, so that a whole adapter
-        can be stored in one call (`torch._foreach_copy_`). Only the part no copy covers needs zeros."""
+        """How to store one adapter's A [r_i, in] and scaled B [out, r_i] (r_i <= rank; the rest is
+        zero) in `entry`: (destination, source) copies and destinations to zero, for `store`. None
+        means the adapter leaves this projection of this layer alone: the entry is zeroed. Only the
+        part no copy covers needs zeros."""
         a_pool, b_pool = self.pools[name][rank]
         r = 0 if a is None else a.shape[0]
         zeros = [a_pool[entry, r:], b_pool[entry, :, r:]] if r < rank else []
         copies = [(a_pool[entry, :r], a), (b_pool[entry, :, :r], b)] if r else []
         return copies, zeros
+
+
+def store(copies: list[tuple[torch.Tensor, torch.Tensor]], zeros: list[torch.Tensor]) -> None:
+    """Carry out `plan_write` plans, a whole adapter's at once: every copy in one torch call and
+    every zero fill in another. Hundreds of small copies would each hand the GIL to the background
+    adapter reader and wait to get it back (a low-priority thread the OS may have set aside): a
+    10 ms copy took 50-140 ms while reads ran."""
+    if copies:
+        torch._foreach_copy_([dst for dst, _ in copies], [src for _, src in copies])
+    if zeros:
+        torch._foreach_zero_(zeros)

@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .adapter_errors import AdapterError, is_int, short
 
-__all__ = ["MAX_HEADER_BYTES", "FLOAT_ITEMSIZE", "TensorInfo", "read_header"]
+__all__ = ["MAX_HEADER_BYTES", "FLOAT_DTYPES", "FLOAT_ITEMSIZE", "TensorInfo", "read_header"]
 
 # safetensors' own loader refuses headers above this size; never be looser than the loader.
 MAX_HEADER_BYTES = 100_000_000
-FLOAT_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+FLOAT_ITEMSIZE = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import torch
 
 from loraplex.kernels import lora_reference, lora_torch
 from loraplex.server.engine.lora_batch import LoraBatch, RankTable
-from loraplex.server.engine.lora_layer import LoraLinear
+from loraplex.server.engine.lora_layer import LoraLinear, store
 
 # RankTable --------------------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ def test_lora_linear_fused_slices_match_a_dense_per_row_update(ops, rows_per_seq
             if grew:
                 layer.ensure_capacity(proj, r, tables[proj].capacity[r], torch.float32, torch.device("cpu"))
             a, b = torch.randn(r, in_f), torch.randn(outs[proj], r)
-            layer.write(proj, r, entry, a, b)
+            store(*layer.plan_write(proj, r, entry, a, b))
             weights[(slot, proj)] = (a, b)
     seq_slots = [-1, 2, 2, 0, 1, -1, 1]
     x = torch.randn(len(seq_slots) * rows_per_seq, in_f)
