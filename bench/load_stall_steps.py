@@ -11,6 +11,7 @@ the longest step against the median: the engine-side part of scenario 3's stall 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for text in prompts(args.streams):
         engine.add_request(Request(prompt=text, params=SamplingParams(max_new_tokens=args.steps + 20,
                                                                       ignore_eos=True)))
+    gc.collect()  # as `loraplex serve` does after start-up: later collections skip start-up objects
+    gc.freeze()
     rows = []
     for step in range(args.steps):
         if step == args.warmup:

@@ -8,14 +8,15 @@
 - Reading an adapter's files (disk -> host) happens on a background thread: the scheduler asks
   `ready(name)` before admitting a request, which starts the read and keeps the request waiting
   until it is done, so the engine thread only does the short copy into a slot and running
-  streams do not stall while adapters load. While sequences decode, the scheduler admits at most
-  one sequence per step whose adapter is not `is_resident`, so copies do not pile up in one step.
+  streams do not stall while adapters load. On a CPU the read runs in slices between the
+  engine's steps (`interleave`) and faults in the pool entry the adapter will take (`prefault`).
+  While sequences decode, the scheduler admits at most one sequence per step whose adapter is
+  not `is_resident`, so copies do not pile up in one step.
 - Soft prompts are small: once registered they stay on the device.
 """
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,9 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter_errors import SlotsExhausted
-from .adapters import AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter
+from .adapters import (AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter,
+                       slices_of)
 from .lora_batch import RankTable
 from .lora_layer import LoraLinear, store
+from .interleave import Interleaver
+from .prefault import populate
 
 
 @dataclass
@@ -64,6 +68,8 @@ class AdapterSlots:
         self._host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._reading: dict[str, tuple[str, Future]] = {}  # name -> (path, its background read)
         self._reader: ThreadPoolExecutor | None = None
+        self.gate = Interleaver(enabled=device.type == "cpu")  # reads run between engine steps
+        self._prefaulted: dict[tuple[str, int], set[int]] = {}  # pool entries the reader faulted in
         self._slot_of: dict[str, int] = {}
         self._name_in: list[str | None] = [None] * max_loras
         self._refs = [0] * max_loras
@@ -158,10 +164,47 @@ class AdapterSlots:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read",
                                                   initializer=_yield_to_the_engine)
-            future = self._reader.submit(load_adapter, entry.path, name, self.base, self.max_rank, self.dtype)
+            if self.device.type == "cpu":
+                self._open_rank_classes(entry.summary.get("ranks", {}))
+            future = self._reader.submit(self._read, entry.path, name)
             self._reading[name] = (entry.path, future)
             return False
         return pending[1].done()
+
+    def _read(self, path: str, name: str) -> LoraAdapter:
+        """On the reader thread, in slices between the engine's steps (`interleave`): read the
+        adapter, then fault in the pool entries it will likely take, so the engine's copy into
+        them writes memory that is already there."""
+        with self.gate.job():
+            adapter = load_adapter(path, name, self.base, self.max_rank, self.dtype, pace=self.gate.slice)
+            if self.device.type == "cpu" and isinstance(adapter, LoraAdapter):
+                self._prefault(adapter)
+        return adapter
+
+    def _prefault(self, adapter: LoraAdapter) -> None:
+        pieces = []  # each layer's (A, B) entry
+        for proj, rank in adapter.ranks.items():
+            entry = self._entry_to_prefault(proj, rank)
+            for layer in self.layers[proj] if entry is not None else ():
+                pools = layer.pools[proj].get(rank)
+                if pools is not None and entry < pools[0].shape[0]:
+                    pieces.append([pools[0][entry], pools[1][entry]])
+        for group in slices_of(pieces, lambda ab: ab[0].nbytes + ab[1].nbytes):
+            with self.gate.slice():
+                if not populate([t for ab in group for t in ab]):
+                    return
+
+    def _entry_to_prefault(self, proj: str, rank: int) -> int | None:
+        """The first free entry of this rank class (in the order `assign` hands them out) that no
+        earlier read has faulted in. Reads from the reader thread what the engine thread changes:
+        a stale answer only faults in an entry a later adapter takes."""
+        table = self.tables[proj]
+        done = self._prefaulted.setdefault((proj, rank), set())
+        for entry in reversed(list(table.free_entries(rank))):
+            if entry not in done:
+                done.add(entry)
+                return entry
+        return None
 
     def read_ahead(self, names: list[str]) -> None:
         """Start reading these adapters' files in the background and wait for all of them:
@@ -260,39 +303,37 @@ class AdapterSlots:
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         zeros: list[torch.Tensor] = []
         for proj, rank in adapter.ranks.items():
-            table = self.tables[proj]
-            entry, grew = table.assign(slot, rank)
-            layers = self.layers[proj]
+            entry, grew = self.tables[proj].assign(slot, rank)
             if grew:
-                for layer in layers:
-                    layer.ensure_capacity(proj, rank, table.capacity[rank], self.dtype, self.device)
-            for i, layer in enumerate(layers):
+                self._grow_pools(proj, rank)
+            for i, layer in enumerate(self.layers[proj]):
                 a, b = adapter.weights.get((i, proj), (None, None))
                 layer_copies, layer_zeros = layer.plan_write(proj, rank, entry, a, b)
                 copies += layer_copies
                 zeros += layer_zeros
         store(copies, zeros)
 
+    def _grow_pools(self, proj: str, rank: int) -> None:
+        capacity = self.tables[proj].capacity[rank]
+        for layer in self.layers[proj]:
+            layer.ensure_capacity(proj, rank, capacity, self.dtype, self.device)
 
-# Linux niceness of the adapter-read thread. Against a busy engine thread (nice 0) it gets about
-# a tenth of a core: a step slows by about that much while a read runs, and a rank-64 adapter
-# (about 13 ms of CPU warm, 50 ms cold) is read in well under a second. At 19 it got 1.5%, and
-# under a constantly busy engine each such read took about 2 s.
-READER_NICENESS = 10
+    def _open_rank_classes(self, ranks: dict[str, int]) -> None:
+        """Make the (full-size, untouched) CPU pools of these rank classes now, on the engine
+        thread, so the reader can fault in the entries an adapter being read will take."""
+        for proj, rank in ranks.items():
+            table = self.tables.get(proj)
+            if table is not None and table.reserve and rank not in table.capacity and table.grow(rank):
+                self._grow_pools(proj, rank)
 
 
 def _yield_to_the_engine() -> None:
-    """Run the adapter-read thread at a low CPU priority (Linux sets it per thread): on a CPU the
-    engine's steps are parallel regions whose threads all wait for the slowest, so a read that
-    takes a core from one of them stalls every running stream.
+    """The adapter-read thread's torch ops run on it alone (the thread count is per thread under
+    OpenMP). Otherwise its first parallel op starts a second OpenMP team, and from then on, with
+    more OpenMP threads than cores, libgomp makes every waiting thread sleep almost at once instead
+    of spinning: each of the engine's hundreds of parallel ops per step then waits for its threads
+    to wake (measured: base decode steps 34 -> 58 ms for the rest of the process).
 
-    The thread's own torch ops run on it alone (the thread count is per thread under OpenMP).
-    Otherwise its first parallel op starts a second OpenMP team, and from then on, with more
-    OpenMP threads than cores, libgomp makes every waiting thread sleep almost at once instead
-    of spinning: each of the engine's hundreds of parallel ops per step then waits for its
-    threads to wake (measured: base decode steps 34 -> 58 ms for the rest of the process)."""
+    On a CPU the reader's heavy work runs only between steps (`interleave`), so it needs no lower
+    priority: at nice 10 it could sit behind a spinning OpenMP thread while the engine waited."""
     torch.set_num_threads(1)
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
-    except (AttributeError, OSError):  # not Linux, or not allowed: reads still run, unlowered
-        pass

@@ -26,11 +26,14 @@ maths must fail loudly, not serve subtly wrong outputs.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import struct
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -50,7 +53,7 @@ from .peft_config import (
     pattern_value,
     read_adapter_config,
 )
-from .safetensors_header import FLOAT_DTYPES, TensorInfo, read_header
+from .safetensors_header import FLOAT_DTYPES, FLOAT_ITEMSIZE, TensorInfo, read_header
 
 __all__ = [
     "PROJECTIONS",
@@ -67,6 +70,8 @@ __all__ = [
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
+# Bytes read (or scaled) per piece of a paced load: a few milliseconds of work.
+READ_SLICE_BYTES = 1024**2
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 _BLOCK_OF = {
@@ -80,6 +85,7 @@ _BLOCK_OF = {
 }
 
 PathLike = Union[str, os.PathLike]
+Pace = Callable[[], AbstractContextManager]  # `with pace():` around each piece of a load
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,33 +441,41 @@ def load_adapter(
     dtype: torch.dtype = torch.float32,
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    pace: Pace = nullcontext,
 ) -> LoraAdapter | SoftPrompt:
     """Validate (as :func:`inspect_adapter`), then read the tensors into host memory at ``dtype``.
 
     For LoRA, each B comes back multiplied by its module's PEFT scale. A base-model name mismatch
-    is emitted with :func:`warnings.warn`.
+    is emitted with :func:`warnings.warn`. The heavy work (reading, scaling) runs in pieces of
+    about `READ_SLICE_BYTES`, each inside `with pace():` (see `interleave`).
     """
     _itemsize(dtype)
     plan = _validate(path, base, max_rank, max_bytes)
     for message in plan.warnings:
         warnings.warn(message, UserWarning, stacklevel=2)
     where = f"adapter {plan.path}"
-    tensors = _read_tensors(plan.weights, _needed_keys(plan), plan.tensors, where)
+    tensors = _read_tensors(plan.weights, _needed_keys(plan), plan.tensors, where, pace)
     if plan.kind == "soft_prompt":
         embeddings = tensors["prompt_embeddings"].to(dtype).contiguous()
         return SoftPrompt(name=name, path=plan.path, config=plan.config, embeddings=embeddings)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     scales: dict[tuple[int, str], float] = {}
-    for module_key, module in plan.lora.items():
-        a, b = tensors[module.key_a], tensors[module.key_b]
-        weights[module_key] = (a.to(dtype).contiguous(), _scaled(b, module.scale, dtype))
-        scales[module_key] = module.scale
+    for group in slices_of(list(plan.lora.items()), lambda item: _span(plan.tensors[item[1].key_b])):
+        with pace():
+            for module_key, module in group:
+                a, b = tensors[module.key_a], tensors[module.key_b]
+                weights[module_key] = (a.to(dtype).contiguous(), _scaled(b, module.scale, dtype))
+                scales[module_key] = module.scale
     return LoraAdapter(name=name, path=plan.path, config=plan.config, weights=weights, scales=scales)
 
 
 def _scaled(b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """``b * scale`` computed in at least float32 (as PEFT does for float32 weights), then cast."""
+    """``b * scale`` computed in at least float32 (as PEFT does for float32 weights), then cast.
+    `b` is this load's own copy of the file's tensor: where no cast is needed it is scaled in
+    place (no second buffer, and no page faults for one)."""
     compute = torch.float64 if b.dtype == torch.float64 else torch.float32
+    if b.dtype == compute == dtype:
+        return b.mul_(scale)
     return (b.to(compute) * scale).to(dtype).contiguous()
 
 
@@ -472,25 +486,27 @@ def _needed_keys(plan: _Plan) -> list[str]:
 
 
 def _read_tensors(
-    weights: Path, keys: list[str], infos: dict[str, TensorInfo], where: str
+    weights: Path, keys: list[str], infos: dict[str, TensorInfo], where: str, pace: Pace = nullcontext
 ) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of a vetted safetensors file, each in memory of its own.
+    """The tensors `keys` of a vetted safetensors file, as views of one buffer holding the file.
 
-    The file is read whole (the read releases the GIL) and each tensor copied out of it by torch
-    (which releases it too), so this holds the GIL only for a few short Python steps. That
-    matters because it runs on the low-priority reader thread: `safetensors.torch.load(bytes)`
-    held the GIL for 7-25 ms per rank-64 adapter, and a reader the OS had set aside while holding
-    it stopped the engine thread for ten times as long. (`safe_open(...).get_tensor` also keeps two
-    small objects per call for good in safetensors 0.8.)"""
+    The file is read straight into memory torch owns (the read releases the GIL, and nothing is
+    copied a second time), so this holds the GIL only for a few short Python steps. That matters
+    because it runs on the low-priority reader thread: `safetensors.torch.load(bytes)` held the GIL
+    for 7-25 ms per rank-64 adapter, and a reader the OS had set aside while holding it stopped the
+    engine thread for ten times as long. Each copy of fresh memory costs page faults too, which the
+    reader's small CPU share pays slowly. (`safe_open(...).get_tensor` also keeps two small objects
+    per call for good in safetensors 0.8.)"""
     try:
-        data = bytearray(weights.stat().st_size)
-        with open(weights, "rb", buffering=0) as fh:
-            got = fh.readinto(data)
-        (header_len,) = struct.unpack_from("<Q", data, 0)
-        header = json.loads(data[8 : 8 + header_len])
+        size = weights.stat().st_size
+        data = torch.empty(size, dtype=torch.uint8)
+        buffer = _memory_of(data)
+        got = _read_into(weights, buffer, pace)
+        (header_len,) = struct.unpack_from("<Q", buffer, 0)
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
     except (OSError, ValueError, struct.error) as exc:  # vetted already: I/O, or changed underneath
         raise AdapterError(f"{where}: cannot read {weights.name}: {exc}") from None
-    if got != len(data):
+    if got != size:
         raise AdapterError(f"{where}: {weights.name} changed on disk while loading; try again")
     start = 8 + header_len
     out: dict[str, torch.Tensor] = {}
@@ -498,14 +514,49 @@ def _read_tensors(
         info, entry = infos[key], header.get(key)
         if (not isinstance(entry, dict) or entry.get("dtype") != info.dtype
                 or tuple(entry.get("shape", ())) != info.shape or entry.get("data_offsets") != [info.begin, info.end]
-                or start + info.end > len(data)):
+                or start + info.end > size):
             raise AdapterError(f"{where}: {key!r} changed on disk while loading; try again")
         dtype = FLOAT_DTYPES[info.dtype]
-        if info.end == info.begin:  # frombuffer refuses an empty span
-            out[key] = torch.empty(info.shape, dtype=dtype)
-            continue
-        raw = torch.frombuffer(data, dtype=torch.uint8, count=info.end - info.begin, offset=start + info.begin)
-        out[key] = raw.clone().view(dtype).view(info.shape)  # aligned, in memory of its own
+        raw = data[start + info.begin : start + info.end]
+        if (start + info.begin) % FLOAT_ITEMSIZE[info.dtype]:
+            raw = raw.clone()  # a misaligned span cannot be viewed as its dtype
+        out[key] = raw.view(dtype).view(info.shape)
+    return out
+
+
+def _memory_of(data: torch.Tensor) -> memoryview:
+    """A writable byte view of the uint8 CPU tensor `data` [n] (its own memory, not a copy)."""
+    return memoryview((ctypes.c_ubyte * data.numel()).from_address(data.data_ptr())).cast("B")
+
+
+def _read_into(path: Path, buffer: memoryview, pace: Pace = nullcontext) -> int:
+    """Fill `buffer` from the file, `READ_SLICE_BYTES` per `pace()`; returns the bytes read (fewer
+    if the file shrank)."""
+    got = 0
+    with open(path, "rb", buffering=0) as fh:
+        while got < len(buffer):
+            with pace():
+                n = fh.readinto(buffer[got : got + READ_SLICE_BYTES])
+            if not n:
+                break
+            got += n
+    return got
+
+
+def _span(info: TensorInfo) -> int:
+    return info.end - info.begin
+
+
+def slices_of(items: list, nbytes: Callable[[Any], int]) -> list[list]:
+    """`items` in order, cut into runs of about `READ_SLICE_BYTES` (by `nbytes` of each)."""
+    out: list[list] = [[]]
+    size = 0
+    for item in items:
+        if out[-1] and size + nbytes(item) > READ_SLICE_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += nbytes(item)
     return out
 
 

@@ -279,27 +279,33 @@ class Engine:
 
     # stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        with self.slots.gate.step():  # adapter reads run between steps, not beside them
+            outputs, idle = self._step()
+        if idle:  # only adapters being read: wait for one rather than spin
+            self.slots.wait_for_reads(timeout=0.05)
+        return outputs
+
+    def _step(self) -> tuple[list[RequestOutput], bool]:
+        """-> (outputs, whether nothing could run)."""
         chunks, failed = self.scheduler.schedule()
         outputs = [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
         chunks = [c for c in chunks if c.seq.status is not Status.FINISHED]  # a sibling failed: the request is over
         if not chunks:
-            if not outputs:  # only adapters being read: wait for one rather than spin
-                self.slots.wait_for_reads(timeout=0.05)
-            return outputs
+            return outputs, not outputs
         if self.merge_policy.dynamic:
             self._follow_merge_policy(self.scheduler.running)
         logits, seqs = self.runner.run(chunks)
         for chunk in chunks:
             chunk.seq.num_computed = chunk.end
         if not seqs:  # every chunk stopped short of its sequence's end: nothing to sample
-            return outputs
+            return outputs, False
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs]
         logprobs = dict(zip(wanted, token_logprobs(logits, tokens, wanted, [seqs[i].params.top_logprobs
                                                                             for i in wanted])))
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             outputs.append(self._advance(seq, token, logprobs.get(i)))
-        return outputs
+        return outputs, False
 
     def _failure(self, seq: Sequence, error: str, code: str) -> RequestOutput | None:
         """A sequence the scheduler could not run fails its whole request (None: already failed)."""

@@ -485,3 +485,29 @@ def test_the_reader_runs_torch_on_one_thread_and_leaves_the_engines_count(tiny_m
     engine.slots.read_ahead(["attn4"])
     assert seen == [1]
     assert torch.get_num_threads() == 2
+
+
+def test_the_reader_faults_in_the_entries_the_next_loads_take(tiny_model, tiny_adapters, monkeypatch):
+    """Two adapters of one rank read ahead: each read faults in a different free pool entry, and
+    the copies into slots then land in exactly those entries, in every layer."""
+    faulted: set[int] = set()
+    real = adapter_slots_module.populate
+
+    def recording(tensors):
+        faulted.update(t.data_ptr() for t in tensors)
+        return real(tensors)
+
+    monkeypatch.setattr(adapter_slots_module, "populate", recording)
+    engine = _engine(tiny_model, {"x": tiny_adapters["attn4"], "y": tiny_adapters["attn4"]})
+    engine.slots.read_ahead(["x", "y"])
+    checked = 0
+    for name in ("x", "y"):
+        slot = engine.slots.acquire(name)
+        for proj, table in engine.slots.tables.items():
+            if slot not in table.entries:
+                continue
+            for layer in range(len(engine.slots.layers[proj])):
+                a, b = _entry_weights(engine, slot, proj, layer)
+                assert a.data_ptr() in faulted and b.data_ptr() in faulted, (name, proj, layer)
+                checked += 1
+    assert checked > 0

@@ -580,7 +580,9 @@ def test_tensors_read_by_hand_equal_safetensors_own_reader(tmp_path):
     expected = load_file(str(weights))
     for key, t in expected.items():
         assert got[key].dtype == t.dtype and got[key].shape == t.shape and torch.equal(got[key], t), key
-        assert got[key].is_contiguous() and got[key].data_ptr() % 16 == 0, key
+        assert got[key].is_contiguous() and got[key].data_ptr() % got[key].element_size() == 0, key
+    # read once into one buffer: the tensors are views of it, not copies
+    assert len({got[k].untyped_storage().data_ptr() for k in ("a16", "b32", "c64")}) == 1
 
     save_file({**tensors, "b32": torch.randn(4, 3, 2, generator=gen)}, str(weights))  # rewritten after vetting
     with pytest.raises(AdapterError, match="'b32' changed on disk while loading"):
@@ -588,3 +590,22 @@ def test_tensors_read_by_hand_equal_safetensors_own_reader(tmp_path):
     weights.write_bytes(weights.read_bytes()[:40])  # truncated underneath
     with pytest.raises(AdapterError, match="test: "):
         ad._read_tensors(weights, ["b32"], infos, "test")
+
+
+def test_a_tensor_at_an_offset_its_dtype_cannot_view_is_copied_out(tmp_path):
+    """safetensors' writer aligns every tensor; another writer may not. A float32 tensor 2 bytes
+    into the data is still read exactly (from a copy of its bytes)."""
+    import json
+    import struct
+
+    from loraplex.server.engine.safetensors_header import read_header
+
+    half = torch.tensor([1.5], dtype=torch.float16)
+    single = torch.tensor([[0.25, -3.0], [7.0, 1e-3]])
+    header = json.dumps({"h": {"dtype": "F16", "shape": [1], "data_offsets": [0, 2]},
+                         "f": {"dtype": "F32", "shape": [2, 2], "data_offsets": [2, 18]}}).encode()
+    header += b" " * (-len(header) % 8)
+    weights = tmp_path / "odd.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + half.numpy().tobytes() + single.numpy().tobytes())
+    got = ad._read_tensors(weights, ["h", "f"], read_header(weights, "test", 1 << 20), "test")
+    assert torch.equal(got["h"], half) and torch.equal(got["f"], single)
