@@ -129,8 +129,9 @@ def run(ctx: BenchContext) -> dict:
                           "longest ÷ median", "failed"], stall_rows)],
         "plots": [plot("phases", "adapter load phases against rank", "rank", "ms", series)],
         "checks": checks,
-        "notes": ["Files are read on a low-priority background thread; only the copy into a slot runs on the "
-                  "engine thread, at most one adapter per step while others decode.",
+        "notes": ["Files are read on a background thread, in ~1 MB slices run between engine steps (at most "
+                  "4 ms of them before each step) on a CPU; only the copy into a slot runs on the engine "
+                  "thread, at most one adapter per step while others decode.",
                   "Gaps are measured by the client on the same cores, so they include its own scheduling jitter."],
         "data": {"phases": rows, "stalls": stall},
     }
