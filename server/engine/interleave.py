@@ -21,6 +21,9 @@ from contextlib import contextmanager
 
 # Longest the engine waits for background slices before a step (when any are waiting).
 STEP_BUDGET_S = 0.004
+# Longest it waits for a slice under way past the budget: a read stuck on a slow disk must not
+# stop the streams (the step then runs beside it).
+STUCK_SLICE_S = 0.1
 
 
 class Interleaver:
@@ -69,7 +72,8 @@ class Interleaver:
     @contextmanager
     def step(self) -> Iterator[None]:
         """Engine side, around one step: first let waiting slices run for up to `budget`
-        seconds, then keep new ones from starting (one under way finishes) until the step ends."""
+        seconds, then keep new ones from starting (one under way finishes, or runs on beside
+        the step after `STUCK_SLICE_S`) until the step ends."""
         if not self.enabled:
             yield
             return
@@ -81,8 +85,12 @@ class Interleaver:
                     break
                 self._cond.wait(left)
             self._open = False
+            deadline = time.monotonic() + STUCK_SLICE_S
             while self._running:
-                self._cond.wait()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
         try:
             yield
         finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from loraplex.server.engine.interleave import Interleaver
+from loraplex.server.engine.interleave import STUCK_SLICE_S, Interleaver
 
 
 def _background(gate: Interleaver, slices: int, events: list, lock: threading.Lock, seconds: float = 0.002):
@@ -84,3 +84,24 @@ def test_disabled_nothing_waits():
         reader.start()
         assert started.wait(5)
     reader.join()
+
+
+def test_a_stuck_slice_does_not_stop_the_steps():
+    """A read blocked inside its slice (a slow disk) delays a step by at most STUCK_SLICE_S."""
+    gate = Interleaver(budget=0.001)
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        with gate.slice():
+            inside.set()
+            release.wait(10)
+
+    reader = threading.Thread(target=stuck)
+    reader.start()
+    assert inside.wait(5)
+    asked = time.monotonic()
+    with gate.step():
+        waited = time.monotonic() - asked
+    release.set()
+    reader.join()
+    assert STUCK_SLICE_S <= waited < STUCK_SLICE_S + 1.0
