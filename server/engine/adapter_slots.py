@@ -27,9 +27,9 @@ import torch
 from .adapter_errors import SlotsExhausted
 from .adapters import (AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter,
                        slices_of)
+from .interleave import Interleaver
 from .lora_batch import RankTable
 from .lora_layer import LoraLinear, store
-from .interleave import Interleaver
 from .prefault import populate
 
 
@@ -323,7 +323,8 @@ class AdapterSlots:
         thread, so the reader can fault in the entries an adapter being read will take."""
         for proj, rank in ranks.items():
             table = self.tables.get(proj)
-            if table is not None and table.reserve and rank not in table.capacity and table.grow(rank):
+            if table is not None and table.reserve and rank not in table.capacity:
+                table.grow(rank)
                 self._grow_pools(proj, rank)
 
 

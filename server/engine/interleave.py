@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # Longest the engine waits for background slices before a step (when any are waiting).
@@ -69,6 +69,15 @@ class Interleaver:
                 self._running -= 1
                 self._cond.notify_all()
 
+    def _wait_while(self, busy: Callable[[], object], seconds: float) -> None:
+        """With the lock held: wait until `busy()` is false or `seconds` have passed."""
+        deadline = time.monotonic() + seconds
+        while busy():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
     @contextmanager
     def step(self) -> Iterator[None]:
         """Engine side, around one step: first let waiting slices run for up to `budget`
@@ -78,19 +87,9 @@ class Interleaver:
             yield
             return
         with self._cond:
-            deadline = time.monotonic() + self.budget
-            while self._wanting or self._running or self._jobs:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+            self._wait_while(lambda: self._wanting or self._running or self._jobs, self.budget)
             self._open = False
-            deadline = time.monotonic() + STUCK_SLICE_S
-            while self._running:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+            self._wait_while(lambda: self._running, STUCK_SLICE_S)
         try:
             yield
         finally:

@@ -34,20 +34,21 @@ class RankTable:
         """Give `slot` an entry in the rank-`rank` pool; returns (entry, whether capacity grew)."""
         if slot in self.entries:
             raise ValueError(f"slot {slot} already holds an adapter")
-        grew = not self._free.get(rank) and self.grow(rank)
+        grew = not self._free.get(rank)
+        if grew:
+            self.grow(rank)
         entry = self._free[rank].pop()
         self.entries[slot] = (rank, entry)
         return entry, grew
 
-    def grow(self, rank: int) -> bool:
+    def grow(self, rank: int) -> None:
         """Add free entries to the rank-`rank` class: double it, or with `reserve` make all of them
         at once (one per slot, so it never needs more). The pools must then be grown to
-        `capacity[rank]`. Returns True."""
+        `capacity[rank]`."""
         old = self.capacity.get(rank, 0)
         new = max(4, 2 * old) if old or not self.reserve else self.reserve
         self._free.setdefault(rank, []).extend(range(new - 1, old - 1, -1))
         self.capacity[rank] = new
-        return True
 
     def free_entries(self, rank: int) -> tuple[int, ...]:
         """The free entries of the rank-`rank` class, the next one `assign` gives last. A snapshot,

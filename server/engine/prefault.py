@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import mmap
 import sys
 
@@ -23,18 +24,16 @@ import torch
 MADV_POPULATE_WRITE = 23  # linux/mman.h
 _PAGE = mmap.PAGESIZE
 
-_madvise = None
 _supported = sys.platform.startswith("linux")
 
 
-def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise.restype = ctypes.c_int
-        _madvise = libc.madvise
-    return _madvise
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
 
 
 def populate(tensors: list[torch.Tensor]) -> bool:
@@ -48,7 +47,7 @@ def populate(tensors: list[torch.Tensor]) -> bool:
         if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
             continue
         start, end = _pages_of(t)
-        if _libc_madvise()(start, end - start, MADV_POPULATE_WRITE) != 0:
+        if _libc().madvise(start, end - start, MADV_POPULATE_WRITE) != 0:
             _supported = False
             return False
     return True
@@ -59,9 +58,7 @@ def resident_fraction(t: torch.Tensor) -> float:
     start, end = _pages_of(t)
     pages = (end - start) // _PAGE
     vec = (ctypes.c_ubyte * pages)()
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) != 0:
+    if _libc().mincore(start, end - start, vec) != 0:
         raise OSError(ctypes.get_errno(), "mincore failed")
     return sum(b & 1 for b in vec) / pages
 
