@@ -492,11 +492,10 @@ def _read_tensors(
 
     The file is read straight into memory torch owns (the read releases the GIL, and nothing is
     copied a second time), so this holds the GIL only for a few short Python steps. That matters
-    because it runs on the low-priority reader thread: `safetensors.torch.load(bytes)` held the GIL
-    for 7-25 ms per rank-64 adapter, and a reader the OS had set aside while holding it stopped the
-    engine thread for ten times as long. Each copy of fresh memory costs page faults too, which the
-    reader's small CPU share pays slowly. (`safe_open(...).get_tensor` also keeps two small objects
-    per call for good in safetensors 0.8.)"""
+    because it runs on the reader thread beside the engine's: `safetensors.torch.load(bytes)` held
+    the GIL for 7-25 ms per rank-64 adapter, stopping the engine thread as long. Each copy into
+    fresh memory also costs a page fault per 4 KiB. (`safe_open(...).get_tensor` also keeps two
+    small objects per call for good in safetensors 0.8.)"""
     try:
         size = weights.stat().st_size
         data = torch.empty(size, dtype=torch.uint8)
@@ -524,9 +523,16 @@ def _read_tensors(
     return out
 
 
+_memoryview_of = ctypes.pythonapi.PyMemoryView_FromMemory
+_memoryview_of.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_memoryview_of.restype = ctypes.py_object
+_PYBUF_WRITE = 0x200
+
+
 def _memory_of(data: torch.Tensor) -> memoryview:
-    """A writable byte view of the uint8 CPU tensor `data` [n] (its own memory, not a copy)."""
-    return memoryview((ctypes.c_ubyte * data.numel()).from_address(data.data_ptr())).cast("B")
+    """A writable byte view of the uint8 CPU tensor `data` [n] (its own memory, not a copy). Not a
+    ctypes array: ctypes keeps one array type per length for good, a leak across file sizes."""
+    return _memoryview_of(data.data_ptr(), data.numel(), _PYBUF_WRITE)
 
 
 def _read_into(path: Path, buffer: memoryview, pace: Pace = nullcontext) -> int:
