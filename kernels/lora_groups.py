@@ -78,6 +78,8 @@ class TokenGroups:
     row_slots:   [n] long, pool entry of each row (the decode, one-token-per-request form).
     seg_offsets: G cumulative segment ends as int32 (the form `grouped_mm` takes).
     padded:      the rows as a grid over a range of pool entries, when that wastes little.
+    first_slot:  seg_slots[0] as a Python int (-1 without segments): the entry of a one-segment
+                 group, read without a tensor op.
     """
 
     rows: torch.Tensor | None
@@ -88,6 +90,7 @@ class TokenGroups:
     row_slots: torch.Tensor
     seg_offsets: torch.Tensor
     padded: PaddedRows | None = None
+    first_slot: int = -1
 
     @property
     def num_segments(self) -> int:
@@ -121,6 +124,7 @@ class TokenGroups:
             row_slots=torch.repeat_interleave(slots, lens).to(device),
             seg_offsets=torch.cumsum(lens, 0).to(torch.int32).to(device),
             padded=PaddedRows.plan(seg_lens, seg_slots, device),
+            first_slot=seg_slots[0] if seg_slots else -1,
         )
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,11 +32,10 @@ def form_of(groups: TokenGroups) -> str:
     return "gather" if groups.num_rows <= GATHER_ROWS_PER_SEGMENT * groups.num_segments else "segment"
 
 
-def _padded_matmul(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-    """x [n, k], pool [S, m, k] -> [n, m]: each row times its entry's w^T, the entries read in place."""
-    p = groups.padded
-    w = pool[p.entry_lo : p.entry_lo + p.entries]  # a view: no weight is copied
-    return p.unpad(torch.bmm(p.pad(x), w.transpose(1, 2)))
+def _operand(rows: torch.Tensor, groups: TokenGroups, form: str) -> torch.Tensor:
+    """The served rows [n, k] in the layout their form multiplies: the padded grid
+    [entries, rows per entry, k] for the padded form, the rows themselves otherwise."""
+    return groups.padded.pad(rows) if form == "padded" else rows
 
 
 def _segment_matmul(x: torch.Tensor, w: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
@@ -63,26 +62,36 @@ def _per_row(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.
     return torch.bmm(x.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
 
 
-def _apply(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-    """The same product as PEFT's nn.Linear layers, F.linear(x, w), for each row's own w."""
-    form = form_of(groups)
+def _apply(operand: torch.Tensor, pool: torch.Tensor, groups: TokenGroups, form: str) -> torch.Tensor:
+    """The same product as PEFT's nn.Linear layers, F.linear(x, w), for each served row's own w:
+    operand (`_operand` of the rows [n, k]), pool [S, m, k] -> [n, m]."""
     if form == "mm":
-        return F.linear(x, pool[int(groups.seg_slots[0])])
+        return torch.mm(operand, pool[groups.first_slot].t())
     if form == "padded":
-        return _padded_matmul(x, pool, groups)
+        p = groups.padded
+        w = pool[p.entry_lo : p.entry_lo + p.entries]  # a view: the entries in use are read in place
+        return p.unpad(torch.bmm(operand, w.transpose(1, 2)))
     if form == "gather":
-        return _per_row(x, pool, groups)
-    return _segment_matmul(x, pool.index_select(0, groups.seg_slots), groups)
+        return _per_row(operand, pool, groups)
+    return _segment_matmul(operand, pool.index_select(0, groups.seg_slots), groups)
+
+
+def _expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor, form: str) -> None:
+    if form == "mm" and groups.rows is None:  # one adapter over a range of rows: added in place
+        y[groups.row_start : groups.row_start + groups.num_rows].addmm_(xa, b_pool[groups.first_slot].t())
+    else:
+        groups.scatter_add_rows(y, _apply(_operand(xa, groups, form), b_pool, groups, form))
 
 
 def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
     """x [T, in], a_pool [S, r, in] -> xa [n, r]: xa[i] = a_pool[row_slots[i]] @ x[row_i]."""
-    return _apply(groups.gather_rows(x), a_pool, groups)
+    form = form_of(groups)
+    return _apply(_operand(groups.gather_rows(x), groups, form), a_pool, groups, form)
 
 
 def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor) -> None:
     """xa [n, r], b_pool [S, out, r], y [T, out]: y[row_i] += b_pool[row_slots[i]] @ xa[i]."""
-    groups.scatter_add_rows(y, _apply(xa, b_pool, groups))
+    _expand(xa, b_pool, groups, y, form_of(groups))
 
 
 def lora_shrink_fused(
@@ -92,8 +101,18 @@ def lora_shrink_fused(
 
     x [T, in], a_pools[p] [S_p, r_p, in] -> xas[p] [n_p, r_p]:
         xas[p] = lora_shrink(x, a_pools[p], groups[p])   for every problem p
-    """
-    return [lora_shrink(x, a_pool, g) for a_pool, g in zip(a_pools, groups, strict=True)]
+
+    Problems given the same `TokenGroups` object (slices whose adapters share a layout, as
+    `LoraBatch` builds them) gather and pad their rows of x once."""
+    operands: dict[int, tuple[str, torch.Tensor]] = {}
+    xas = []
+    for a_pool, g in zip(a_pools, groups, strict=True):
+        if id(g) not in operands:
+            form = form_of(g)
+            operands[id(g)] = form, _operand(g.gather_rows(x), g, form)
+        form, operand = operands[id(g)]
+        xas.append(_apply(operand, a_pool, g, form))
+    return xas
 
 
 def lora_expand_fused(
@@ -107,7 +126,7 @@ def lora_expand_fused(
         lora_expand(xas[p], b_pools[p], groups[p], y[:, cols[p] : cols[p] + out_p])   for every p
     """
     for xa, b_pool, g, col in zip(xas, b_pools, groups, cols, strict=True):
-        lora_expand(xa, b_pool, g, y[:, col : col + b_pool.shape[1]])
+        _expand(xa, b_pool, g, y[:, col : col + b_pool.shape[1]], form_of(g))
 
 
 def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, out: torch.Tensor) -> None:

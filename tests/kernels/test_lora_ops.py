@@ -335,3 +335,24 @@ def test_fused_ops_refuse_mismatched_problem_lists():
         lora_torch.lora_shrink_fused(x, [a, a], [g])
     with pytest.raises(ValueError):
         lora_torch.lora_expand_fused([torch.randn(2, 4)], [b], [g], y, [0, 1])
+
+
+@pytest.mark.parametrize("layout", ["single", "decode_in_order", "decode_gaps", "prefill", "prefill_gaps"])
+def test_fused_problems_sharing_one_groups_object(layout):
+    """Slices whose adapters share a layout get one `TokenGroups` object (as `LoraBatch` builds
+    them): the shrink gathers and pads their rows once, and each slice still gets its own update
+    (the one-segment form expands in place into its column slice)."""
+    T, starts, lens, slots, _ = LAYOUTS[layout]
+    g = TokenGroups.build(starts, lens, slots)
+    served = _served(starts, lens, slots)
+    x, a1, b1, y0 = _operands(T, 72, 40, 8, torch.float32, seed=2, extra_cols=(3, 56))
+    _, a2, b2, _ = _operands(T, 72, 56, 4, torch.float32, seed=3)
+    y = y0.clone()
+    xas = lora_torch.lora_shrink_fused(x, [a1, a2], [g, g])
+    lora_torch.lora_expand_fused(xas, [b1, b2], [g, g], y, [3, 43])
+    expected = y0.float().clone()
+    _, expected[:, 3:43] = _dense(x, a1, b1, y0[:, 3:43], served)
+    _, expected[:, 43:99] = _dense(x, a2, b2, y0[:, 43:99], served)
+    torch.testing.assert_close(y, expected, **F32_TOL)
+    unserved = sorted(set(range(T)) - {row for row, _ in served})
+    assert torch.equal(y[unserved], y0[unserved]) and torch.equal(y[:, :3], y0[:, :3])
