@@ -39,6 +39,10 @@ async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tupl
             endpoint = _known_endpoint(state, call.endpoint) or endpoint
             raise
         endpoint = resolved.endpoint
+        for ref in (resolved.adapter, resolved.soft_prompt):
+            if ref in state.unservable:
+                raise ApiError("FAILED_PRECONDITION", f"{ref} is registered but not servable on the served base "
+                                                      f"model: {state.unservable[ref]}")
         loop = state.engine_loop
         try:
             engine_request = await asyncio.to_thread(loop.engine.encode, resolved.request)

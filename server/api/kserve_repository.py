@@ -36,7 +36,8 @@ async def index(state: ServerState, request: pb.RepositoryIndexRequest) -> pb.Re
     models = []
     for record in records:
         if record.ref not in servable:
-            entry = ("UNAVAILABLE", "registered, but not servable on the served base model")
+            why = state.unservable.get(record.ref)
+            entry = ("UNAVAILABLE", "registered, but not servable on the served base model" + (f": {why}" if why else ""))
         elif record.kind == "soft_prompt":
             entry = ("READY", "resident")  # soft prompts stay on the device once registered
         elif record.ref in pinned:

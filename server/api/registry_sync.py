@@ -29,26 +29,25 @@ from .server_state import ServerState
 log = logging.getLogger("loraplex.registry_sync")
 
 
-def restore_adapters(engine, store: AdapterStore) -> set[str]:
+def restore_adapters(engine, store: AdapterStore) -> dict[str, str]:
     """Register every stored adapter version with the engine before serving starts (directly: the
-    engine loop is not running yet). Returns the refs not servable on this base model, each
-    reported once; the poller then leaves them alone."""
-    refused: set[str] = set()
+    engine loop is not running yet). Returns the refs not servable on this base model with why,
+    each reported once (`ServerState.unservable`: the poller then leaves them alone, and requests
+    naming them get that reason)."""
+    refused: dict[str, str] = {}
     for record in store.list():
         try:
             _register(engine, record.ref, str(store.local_dir(record)))
         except (AdapterError, OSError) as exc:
-            refused.add(record.ref)
-            _report_refused(record.ref, exc)
+            refused[record.ref] = _report_refused(record.ref, exc)
     return refused
 
 
 class RegistrySync:
-    def __init__(self, state: ServerState, interval_s: float, refused: set[str] = frozenset()) -> None:
-        """`refused`: refs already found not servable here (see `restore_adapters`)."""
+    def __init__(self, state: ServerState, interval_s: float) -> None:
+        """Refs already found not servable here are in `state.unservable` (see `restore_adapters`)."""
         self.state = state
         self.interval_s = interval_s
-        self._refused: set[str] = set(refused)  # refs (name@version) that failed to register here
         self._unreachable = False
 
     async def run(self) -> None:
@@ -74,21 +73,24 @@ class RegistrySync:
         for ref in sorted(have - wanted.keys()):
             await loop.call(lambda e, ref=ref: e.unregister_adapter(ref, missing_ok=True))
             log.info("adapter %s was deleted from the registry; unregistered", ref)
-        self._refused &= wanted.keys()
-        for ref in sorted(wanted.keys() - have - self._refused):
+        unservable = self.state.unservable
+        for ref in unservable.keys() - wanted.keys():
+            del unservable[ref]
+        for ref in sorted(wanted.keys() - have - unservable.keys()):
             try:
                 path = await asyncio.to_thread(store.local_dir, wanted[ref])
                 await loop.call(lambda e, ref=ref, path=path: _register(e, ref, str(path)))
             except (AdapterError, OSError) as exc:
-                self._refused.add(ref)
-                _report_refused(ref, exc)
+                unservable[ref] = _report_refused(ref, exc)
                 continue
             log.info("adapter %s registered from the shared registry", ref)
         self.state.metrics.registered.set(len(records))
 
 
-def _report_refused(ref: str, exc: Exception) -> None:
+def _report_refused(ref: str, exc: Exception) -> str:
+    """Log why `ref` cannot be served here; returns the reason."""
     log.warning("stored adapter %s is not servable on this model: %s", ref, exc)
+    return str(exc)
 
 
 def _register(engine, ref: str, path: str) -> None:

@@ -127,7 +127,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     engine_loop = EngineLoop(engine, args.max_queue, on_step=hook.step, on_change=hook.gauges, thread=engine_thread)
     state = ServerState(engine_loop, store, metrics,
                         ServerDefaults(args.default_max_new_tokens, args.max_new_tokens_limit),
-                        model_name=str(args.model or engine.model_path))
+                        model_name=str(args.model or engine.model_path), unservable=refused)
 
     options = [("grpc.max_receive_message_length", args.max_message_bytes),
                ("grpc.max_send_message_length", args.max_message_bytes)]
@@ -172,7 +172,7 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
         http_note = f" (OpenAI HTTP on {args.host}:{http_port})"
     poller = None
     if args.registry_poll_seconds > 0:
-        poller = asyncio.create_task(RegistrySync(state, args.registry_poll_seconds, refused).run())
+        poller = asyncio.create_task(RegistrySync(state, args.registry_poll_seconds).run())
     for service in ("",) + services[:2]:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})"

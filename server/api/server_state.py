@@ -1,7 +1,7 @@
 """What the gRPC services share: the engine loop, the registry, metrics, limits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loraplex.adapters_store.store import AdapterStore
 
@@ -18,3 +18,5 @@ class ServerState:
     defaults: ServerDefaults
     model_name: str
     draining: bool = False  # SIGTERM received: refuse new requests, finish the running ones
+    # registry refs (name@version) this replica cannot serve on its base model -> why (registry_sync)
+    unservable: dict[str, str] = field(default_factory=dict)

@@ -78,6 +78,33 @@ def test_restart_keeps_adapters_endpoints_and_outputs(server_factory, tiny_adapt
     assert "not servable" not in second.output(), second.output()
 
 
+def test_a_stored_adapter_this_model_cannot_serve_is_reported_once(server_factory, builders, tmp_path, tiny_adapters,
+                                                                    api):
+    """A replica whose base model differs from the one a stored adapter was made for reports that
+    adapter once (at start-up, or at the poll that first sees a new version), not on every poll,
+    refuses requests for it with a precise error, and serves everyone else."""
+    store = tmp_path / "shared-store"
+    narrow = builders.llama(tmp_path / "narrow-llama", hidden_size=32, intermediate_size=64)
+    tiny = server_factory(store=store, name="tiny")
+    with Client(tiny.target, timeout=60) as client:
+        client.upload_adapter("task", tiny_adapters["attn4"])
+    other = server_factory("--registry-poll-seconds", "0.1", store=store, name="narrow", model=narrow)
+    with Client(tiny.target, timeout=60) as client:
+        client.upload_adapter("task", tiny_adapters["mlp8"])  # version 2, first seen by a poll
+    api.wait_until(lambda: "task@2 is not servable" in other.output(), timeout=30,
+                   what="the narrow replica to report task@2")
+    time.sleep(1.0)  # ten more polls
+    with Client(other.target, timeout=60) as client:
+        assert len(client.generate("hello world", max_new_tokens=3, ignore_eos=True).token_ids) == 3
+        with pytest.raises(LoraplexError) as info:
+            client.generate("hello world", adapter="task", max_new_tokens=3)
+    assert info.value.code == "FAILED_PRECONDITION", (info.value.code, str(info.value))
+    assert "task@2" in str(info.value) and "not servable" in str(info.value)
+    log = other.output()
+    assert log.count("stored adapter task@1 is not servable") == 1, log
+    assert log.count("stored adapter task@2 is not servable") == 1, log
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 
