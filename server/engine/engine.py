@@ -184,11 +184,13 @@ class Engine:
 
     def _sibling(self, first: Sequence, index: int) -> Sequence:
         """Completion `index` of `first`'s request: the same prompt, its own generator and text.
-        The prompt is computed again for each (no KV sharing between siblings)."""
+        It shares the prompt's KV blocks that `first` computes (see scheduler.py)."""
         params = first.params
-        return Sequence(first.request_id, first.prompt_ids, params, first.adapter, first.soft_prompt,
-                        make_generator(params.seed_for(index)),
-                        IncrementalDetokenizer(self.tokenizer, first.prompt_ids, tuple(params.stop)), index=index)
+        sibling = Sequence(first.request_id, first.prompt_ids, params, first.adapter, first.soft_prompt,
+                           make_generator(params.seed_for(index)),
+                           IncrementalDetokenizer(self.tokenizer, first.prompt_ids, tuple(params.stop)), index=index)
+        sibling.leader = first
+        return sibling
 
     def _sequence(self, request: Request) -> Sequence:
         try:

@@ -20,6 +20,10 @@ floor (reading the weights, worth about that many tokens of compute) plus a cost
 that budget keeps a step within about twice the decode-only step: the streams' gap between
 tokens stays bounded while newcomers prefill, at the price of their time to first token.
 
+The n completions of one request share the KV blocks of their prompt: the first (the leader)
+computes it, the others wait for it, then take its full blocks before the last prompt position
+and compute only the rest (at most a block's worth), so an n-way request prefills about once.
+
 Admission is FIFO and needs room under `max_running`, enough free KV blocks for all the
 sequence's positions (allocated at admission, whatever its first chunk), and a device slot for
 its adapter. A sequence whose adapter is being read, or waits for a free slot, is passed over
@@ -97,7 +101,11 @@ class Scheduler:
         loaded = False  # an adapter was copied into a slot in this step
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq.num_tokens):
+            shared = self._shareable_blocks(seq)
+            if shared is None:  # its first completion is still computing the prompt they share
+                passed_over.append(self.waiting.popleft())
+                continue
+            if not self.blocks.can_allocate(seq.num_tokens - shared * self.blocks.block_size):
                 break
             self.waiting.popleft()
             resident = True  # no adapter: nothing to copy
@@ -111,6 +119,9 @@ class Scheduler:
                         passed_over.append(seq)
                     continue
                 loaded = loaded or not resident
+            if shared:
+                seq.block_table = self.blocks.share(seq.leader.block_table[:shared])
+                seq.num_computed = shared * self.blocks.block_size
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -120,6 +131,22 @@ class Scheduler:
             budget -= chunks[-1].length
         self.waiting.extendleft(reversed(passed_over))
         return chunks
+
+    def _shareable_blocks(self, seq: Sequence) -> int | None:
+        """How many KV blocks `seq` can take from its request's first completion (`leader`): the
+        full blocks before its last prompt position, once the leader has computed them. Each
+        completion computes that last position itself, for its own first token's logits. None: the
+        leader has not computed them yet (wait); 0: nothing to share (a short prompt, or the leader
+        has finished and freed its blocks)."""
+        leader = seq.leader
+        if leader is None:
+            return 0
+        blocks = (seq.num_prompt_positions - 1) // self.blocks.block_size
+        if blocks == 0 or leader.status is Status.FINISHED:
+            return 0
+        if leader.status is Status.WAITING or leader.num_computed < blocks * self.blocks.block_size:
+            return None
+        return blocks
 
     def _take_slot(self, seq: Sequence, failed: list[Failure]) -> bool:
         """Reference `seq`'s adapter slot (copying the adapter in if needed). False when every slot

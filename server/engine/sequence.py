@@ -87,6 +87,7 @@ class Sequence:
         self.num_preemptions = 0
         self.sent_text = 0  # characters of final text already returned
         self.sent_ids = 0  # token ids already returned
+        self.leader: Sequence | None = None  # for completions 1..n-1: completion 0, whose prompt KV they share
 
     @property
     def num_virtual(self) -> int:

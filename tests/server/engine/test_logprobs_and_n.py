@@ -181,10 +181,71 @@ def test_n_outputs_finish_each_index_once_and_the_request_last(engine):
 def test_abort_ends_every_completion(engine):
     rid = engine.add_request(request(rid="ab", n=4, max_new_tokens=50))
     engine.step()
+    assert len(engine.scheduler.running) == 1  # the others wait for the prompt it computes
+    engine.step()
     assert len(engine.scheduler.running) == 4
     assert engine.abort(rid)
     assert_idle(engine)
     assert not engine.abort(rid)
+
+
+def test_abort_while_completions_wait_for_the_shared_prompt(engine):
+    rid = engine.add_request(request(rid="ab2", n=3, max_new_tokens=50))
+    engine.step()
+    assert len(engine.scheduler.running) == 1 and len(engine.scheduler.waiting) == 2
+    assert engine.abort(rid)
+    assert_idle(engine)
+
+
+LONG = [(7 * i + 3) % 300 + 3 for i in range(30)]  # 30 prompt positions: 7 full blocks of 4 before the last
+
+
+def test_n_completions_compute_the_shared_prompt_once(engine, monkeypatch):
+    """The first completion computes the prompt; the others take its full blocks before the last
+    prompt position and compute at most a block more each, and still sample exactly what the
+    same request with seed + i samples alone."""
+    computed: list[int] = []
+    real_run = engine.runner.run
+
+    def run(chunks):
+        computed.extend(c.length for c in chunks if c.start < len(LONG))
+        return real_run(chunks)
+
+    params = dict(temperature=1.2, seed=77, max_new_tokens=8)
+    monkeypatch.setattr(engine.runner, "run", run)
+    shared = engine.generate([request(prompt=LONG, n=4, **params)])
+    prompt_positions = sum(computed)
+    monkeypatch.undo()
+    singles = engine.generate([request(prompt=LONG, **{**params, "seed": 77 + i}) for i in range(4)])
+    assert [c.token_ids for c in shared] == [c.token_ids for c in singles]
+    block = engine.blocks.block_size
+    assert prompt_positions <= len(LONG) + 3 * block, prompt_positions  # 4 x 30 = 120 without sharing
+    assert_idle(engine)
+
+
+def test_completions_outlive_a_first_completion_that_ends_at_once(engine):
+    """With one token each, the first completion ends (freeing its blocks) in the step that
+    computes the prompt: the others then compute the whole prompt themselves."""
+    params = dict(temperature=1.0, seed=5, max_new_tokens=1)
+    shared = engine.generate([request(prompt=LONG, n=3, **params)])
+    singles = engine.generate([request(prompt=LONG, **{**params, "seed": 5 + i}) for i in range(3)])
+    assert [c.token_ids for c in shared] == [c.token_ids for c in singles]
+    assert all(c.finish_reason == "length" for c in shared)
+    assert_idle(engine)
+
+
+def test_shared_prompt_blocks_survive_preemption(tiny_model):
+    """A KV cache too small for every completion's full length: the newest are preempted and
+    recomputed (sharing the prompt again when the leader still holds it), with the same tokens
+    as without any pressure and nothing leaked."""
+    params = dict(temperature=0.9, seed=11, max_new_tokens=40)
+    roomy = Engine(EngineConfig(model=str(tiny_model), block_size=4, max_total_tokens=2048))
+    expected = [c.token_ids for c in roomy.generate([request(prompt=LONG, n=4, **params)])]
+    tight = Engine(EngineConfig(model=str(tiny_model), block_size=4, max_total_tokens=4 * 20))
+    got = tight.generate([request(prompt=LONG, n=4, **params)])
+    assert tight.scheduler.num_preemptions > 0
+    assert [c.token_ids for c in got] == expected
+    assert_idle(tight)
 
 
 def test_n_with_an_adapter_that_cannot_load_fails_the_request_once(tiny_model, tiny_adapters, tmp_path):
