@@ -60,6 +60,10 @@ class Metrics:
                                               buckets=LATENCY_BUCKETS, registry=r)
         self.merge_switches = Counter("loraplex_merge_switches", "Switches to or from serving an adapter merged.",
                                       registry=r)
+        self.reused_prompt_tokens = Counter(
+            "loraplex_prefix_cache_reused_tokens",
+            "Prompt positions whose keys and values were reused (prefix cache, or a request's n completions) "
+            "instead of computed.", registry=r)
         self.resident = Gauge("loraplex_resident_adapters", "Adapters resident in device slots.", registry=r)
         self.registered = Gauge("loraplex_registered_adapters", "Adapter versions in the registry.", registry=r)
         self.lora_info = Gauge("loraplex_lora_requests_info", "Running and waiting adapters (adapter affinity).",

@@ -7,7 +7,8 @@ from .metrics import Metrics
 class MetricsHook:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._seen = {"loads": 0, "evictions": 0, "hits": 0, "misses": 0, "load_failures": 0, "merge_switches": 0}
+        self._seen = {"loads": 0, "evictions": 0, "hits": 0, "misses": 0, "load_failures": 0, "merge_switches": 0,
+                      "reused_tokens": 0}
 
     def step(self, loop, step_seconds: float, num_outputs: int) -> None:
         """After each engine step: its duration and size, then every gauge."""
@@ -28,8 +29,10 @@ class MetricsHook:
         counters = {"loads": m.adapter_loads, "evictions": m.adapter_evictions, "hits": m.adapter_hits,
                     "misses": m.adapter_misses, "load_failures": m.adapter_load_failures}
         counters["merge_switches"] = m.merge_switches
+        counters["reused_tokens"] = m.reused_prompt_tokens
+        owners = {"merge_switches": engine, "reused_tokens": scheduler}
         for name, counter in counters.items():
-            value = getattr(engine if name == "merge_switches" else slots, name)
+            value = getattr(owners.get(name, slots), name)
             if value > self._seen[name]:
                 counter.inc(value - self._seen[name])
             self._seen[name] = value

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import OrderedDict
@@ -33,12 +34,16 @@ from .lora_layer import LoraLinear, store
 from .prefault import populate
 
 
+_registrations = itertools.count()
+
+
 @dataclass
 class Registered:
     name: str
     path: str
     kind: str  # "lora" | "soft_prompt"
     summary: dict = field(default_factory=dict)
+    serial: int = field(default_factory=lambda: next(_registrations))  # tells re-registrations of a name apart
 
 
 class AdapterSlots:
@@ -114,6 +119,10 @@ class AdapterSlots:
         elif slot is not None:  # still in use: detach the name, the slot is freed on release
             del self._slot_of[name]
             self._name_in[slot] = f"\0retired:{name}"
+
+    def cache_key(self, name: str | None) -> str:
+        """What a prefix-cache key holds of adapter or soft prompt `name`: this registration of it."""
+        return "" if name is None else f"{name}#{self.registered[name].serial}"
 
     def kind(self, name: str) -> str | None:
         entry = self.registered.get(name)

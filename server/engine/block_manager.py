@@ -1,45 +1,112 @@
-"""KV-cache block allocation: a free list of fixed-size blocks and each sequence's block table.
+"""KV-cache block allocation: a free list of fixed-size blocks, each sequence's block table, and
+the prefix cache.
 
 A block may be held by several tables: the n completions of one request share the blocks of
-their common prompt (`share`). Each block counts its holders and returns to the free list when
-the last one frees it. Shared blocks are only ever read: they hold positions below every
-holder's `num_computed`, and a sequence writes only positions at or past its own.
+their common prompt (`share`), and requests whose prompts begin alike share the blocks of that
+beginning (`cached_prefix`). Each block counts its holders. Shared blocks are only ever read:
+they hold positions below every holder's `num_computed`, and a sequence writes only positions at
+or past its own.
+
+Prefix cache: once a full block of a prompt is computed, it is registered under the hash of its
+whole prefix (`prefix_hashes`: every token id up to the block's end, plus what else shapes its
+keys and values: the adapter and soft prompt, by registration). A block whose last holder frees
+it keeps its contents and stays findable until its memory is needed: fresh blocks come from
+never-registered ones first, then from cached ones, least recently freed first.
 """
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+
+
+def prefix_hashes(ids: list[int], block_size: int, num_blocks: int, key: str) -> list[bytes]:
+    """Hashes of the first `num_blocks` full blocks of `ids`; hash i covers ids[: (i + 1) * block_size]
+    and `key`. blake2b, not Python's hash: a prompt crafted to collide with another tenant's
+    prefix must not read that tenant's keys and values."""
+    hashes, parent = [], hashlib.blake2b(key.encode(), digest_size=16).digest()
+    for i in range(num_blocks):
+        block = ",".join(map(str, ids[i * block_size:(i + 1) * block_size])).encode()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # held by none, nothing cached
         self._holders = [0] * num_blocks  # tables holding each block
+        self._hash_of: dict[int, bytes] = {}  # registered block -> its prefix hash
+        self._block_of: dict[bytes, int] = {}  # prefix hash -> registered block
+        self._idle: OrderedDict[int, None] = OrderedDict()  # held by none, still cached; oldest first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._idle)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= len(self._free)
+        return self.blocks_for(num_tokens) <= self.num_free
 
     def allocate(self, table: list[int], num_tokens: int) -> None:
         """Grow `table` so it holds `num_tokens` tokens; raises MemoryError when blocks run out."""
         need = self.blocks_for(num_tokens) - len(table)
-        if need > len(self._free):
-            raise MemoryError(f"need {need} KV blocks, {len(self._free)} free")
+        if need > self.num_free:
+            raise MemoryError(f"need {need} KV blocks, {self.num_free} free")
         for _ in range(need):
+            table.append(self._take())
+
+    def _take(self) -> int:
+        if self._free:
             block = self._free.pop()
-            self._holders[block] = 1
-            table.append(block)
+        else:  # reuse the cached block freed longest ago; its contents are forgotten
+            block, _ = self._idle.popitem(last=False)
+            del self._block_of[self._hash_of.pop(block)]
+        self._holders[block] = 1
+        return block
 
     def share(self, blocks: list[int]) -> list[int]:
         """A new table starting with `blocks` (full blocks of another table), now held by both."""
         for block in blocks:
-            self._holders[block] += 1
+            self._hold(block)
         return list(blocks)
+
+    def cached_prefix(self, hashes: list[bytes]) -> list[int]:
+        """A new table holding the cached blocks of the longest prefix of `hashes` found."""
+        table = []
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            self._hold(block)
+            table.append(block)
+        return table
+
+    def cached_count(self, hashes: list[bytes]) -> tuple[int, int]:
+        """(blocks in the longest cached prefix of `hashes`, how many of those no table holds: they
+        count as free until `cached_prefix` takes them)."""
+        found = idle = 0
+        for h in hashes:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            found += 1
+            idle += self._holders[block] == 0
+        return found, idle
+
+    def _hold(self, block: int) -> None:
+        if self._holders[block] == 0:
+            del self._idle[block]
+        self._holders[block] += 1
+
+    def register(self, block: int, prefix_hash: bytes) -> None:
+        """`block` now holds the computed keys and values of the prefix `prefix_hash` names."""
+        if prefix_hash not in self._block_of and block not in self._hash_of:
+            self._block_of[prefix_hash] = block
+            self._hash_of[block] = prefix_hash
 
     def needs_block(self, table: list[int], num_tokens: int) -> bool:
         """Whether holding `num_tokens` tokens takes one more block than `table` has."""
@@ -49,7 +116,10 @@ class BlockManager:
         for block in reversed(table):
             self._holders[block] -= 1
             if self._holders[block] == 0:
-                self._free.append(block)
+                if block in self._hash_of:
+                    self._idle[block] = None
+                else:
+                    self._free.append(block)
         table.clear()
 
     def slot(self, table: list[int], position: int) -> int:

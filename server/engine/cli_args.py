@@ -25,6 +25,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "twice a decode-only step; 256 on a GPU")
     g.add_argument("--max-total-tokens", type=int, default=32768, help="KV-cache capacity in tokens")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    g.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt in full (by default, prompts that begin like an earlier one "
+                        "with the same adapter and soft prompt reuse its computed KV blocks)")
     g.add_argument("--max-model-len", type=int, help="context limit (default: the model's)")
     g.add_argument("--max-loras", type=int, default=32, help="adapters resident on the device at once")
     g.add_argument("--max-cpu-loras", type=int, default=128, help="loaded adapters cached in host memory")
@@ -48,6 +51,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         max_total_tokens=args.max_total_tokens, block_size=args.block_size, max_model_len=args.max_model_len,
+        prefix_caching=args.prefix_caching,
         max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
         threads=args.threads, cpu_matmul=args.cpu_matmul, dynamic_merge=args.dynamic_merge, merge_high=args.merge_high,
         merge_low=args.merge_low, merge_patience=args.merge_patience,

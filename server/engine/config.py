@@ -25,6 +25,7 @@ class EngineConfig:
     prefill_chunk_tokens: int | None = None
     max_total_tokens: int = 32768  # KV-cache capacity, in tokens
     block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # reuse computed KV blocks of prompts that begin alike (block_manager.py)
     max_model_len: int | None = None  # context limit; default and upper bound: the model's own
     max_loras: int = 32  # adapters resident in device slots at once
     max_cpu_loras: int = 128  # loaded adapters kept in host memory

@@ -21,7 +21,7 @@ from loraplex.kernels import get_lora_ops
 from . import loader
 from .adapter_slots import AdapterSlots, Registered
 from .adapters import AdapterError, BaseModelShape
-from .block_manager import BlockManager
+from .block_manager import BlockManager, prefix_hashes
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .merging import MergePolicy, build_merged
@@ -190,6 +190,7 @@ class Engine:
                            make_generator(params.seed_for(index)),
                            IncrementalDetokenizer(self.tokenizer, first.prompt_ids, tuple(params.stop)), index=index)
         sibling.leader = first
+        sibling.prefix_hashes = first.prefix_hashes
         return sibling
 
     def _sequence(self, request: Request) -> Sequence:
@@ -228,8 +229,14 @@ class Engine:
         if total > capacity:
             raise RequestError(f"request needs {total} tokens of KV cache, the server holds {capacity}")
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, tuple(request.params.stop))
-        return Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
-                        make_generator(request.params.seed), detok)
+        seq = Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
+                       make_generator(request.params.seed), detok)
+        if self.config.prefix_caching:
+            key = self.slots.cache_key(request.adapter) + "|" + self.slots.cache_key(request.soft_prompt)
+            full = (seq.num_prompt_positions - 1) // self.blocks.block_size  # the last position is computed
+            seq.prefix_hashes = prefix_hashes(seq.chunk_ids(0, seq.num_prompt_positions), self.blocks.block_size,
+                                              full, key)
+        return seq
 
     def encode(self, request: Request) -> Request:
         """The request with its prompt or chat turned into token ids. Safe to call from another
@@ -297,8 +304,7 @@ class Engine:
         if self.merge_policy.dynamic:
             self._follow_merge_policy(self.scheduler.running)
         logits, seqs = self.runner.run(chunks)
-        for chunk in chunks:
-            chunk.seq.num_computed = chunk.end
+        self.scheduler.computed(chunks)
         if not seqs:  # every chunk stopped short of its sequence's end: nothing to sample
             return outputs, False
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])

@@ -23,6 +23,8 @@ tokens stays bounded while newcomers prefill, at the price of their time to firs
 The n completions of one request share the KV blocks of their prompt: the first (the leader)
 computes it, the others wait for it, then take its full blocks before the last prompt position
 and compute only the rest (at most a block's worth), so an n-way request prefills about once.
+Any other sequence starts from the longest prefix of its prompt whose blocks are in the prefix
+cache (block_manager.py), again short of its last prompt position, whose logits it needs.
 
 Admission is FIFO and needs room under `max_running`, enough free KV blocks for all the
 sequence's positions (allocated at admission, whatever its first chunk), and a device slot for
@@ -57,6 +59,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.reused_tokens = 0  # prompt positions admitted with their KV already computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -105,7 +108,8 @@ class Scheduler:
             if shared is None:  # its first completion is still computing the prompt they share
                 passed_over.append(self.waiting.popleft())
                 continue
-            if not self.blocks.can_allocate(seq.num_tokens - shared * self.blocks.block_size):
+            cached, idle = (0, 0) if shared else self.blocks.cached_count(seq.prefix_hashes)
+            if self.blocks.blocks_for(seq.num_tokens) - (shared or cached) > self.blocks.num_free - idle:
                 break
             self.waiting.popleft()
             resident = True  # no adapter: nothing to copy
@@ -121,7 +125,10 @@ class Scheduler:
                 loaded = loaded or not resident
             if shared:
                 seq.block_table = self.blocks.share(seq.leader.block_table[:shared])
-                seq.num_computed = shared * self.blocks.block_size
+            elif cached:
+                seq.block_table = self.blocks.cached_prefix(seq.prefix_hashes[:cached])
+            seq.num_computed = len(seq.block_table) * self.blocks.block_size
+            self.reused_tokens += seq.num_computed
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -131,6 +138,15 @@ class Scheduler:
             budget -= chunks[-1].length
         self.waiting.extendleft(reversed(passed_over))
         return chunks
+
+    def computed(self, chunks: list[Chunk]) -> None:
+        """After a step ran `chunks`: advance each sequence, and enter every prompt block it
+        completed into the prefix cache."""
+        bs = self.blocks.block_size
+        for c in chunks:
+            c.seq.num_computed = c.end
+            for i in range(c.start // bs, min(c.end // bs, len(c.seq.prefix_hashes))):
+                self.blocks.register(c.seq.block_table[i], c.seq.prefix_hashes[i])
 
     def _shareable_blocks(self, seq: Sequence) -> int | None:
         """How many KV blocks `seq` can take from its request's first completion (`leader`): the

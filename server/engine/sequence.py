@@ -88,6 +88,7 @@ class Sequence:
         self.sent_text = 0  # characters of final text already returned
         self.sent_ids = 0  # token ids already returned
         self.leader: Sequence | None = None  # for completions 1..n-1: completion 0, whose prompt KV they share
+        self.prefix_hashes: list[bytes] = []  # of its full prompt blocks before the last position (prefix cache)
 
     @property
     def num_virtual(self) -> int:

@@ -91,7 +91,8 @@ def test_every_metric_is_prefixed_and_present(traffic, api):
                      "loraplex_generated_tokens_total", "loraplex_prompt_tokens_total", "loraplex_queue_depth",
                      "loraplex_running_requests", "loraplex_kv_cache_usage_ratio", "loraplex_adapter_loads_total",
                      "loraplex_adapter_cache_hits_total", "loraplex_batch_size_count",
-                     "loraplex_step_duration_seconds_count", "loraplex_lora_requests_info"):
+                     "loraplex_step_duration_seconds_count", "loraplex_lora_requests_info",
+                     "loraplex_prefix_cache_reused_tokens_total"):
         assert expected in names, expected
 
 
@@ -161,6 +162,19 @@ def test_adapter_and_engine_metrics(traffic, api):
     assert api.metric(text, "loraplex_running_requests") == 0
     assert api.metric(text, "loraplex_kv_cache_usage_ratio") == 0
     assert api.label_values(text, "loraplex_lora_requests_info", "max_lora") == {"32"}
+
+
+def test_reused_prompt_positions_are_counted(module_server_factory, api):
+    """The same prompt twice, one after the other, on blocks of 4: the second reuses every full
+    block before its last prompt position."""
+    server = module_server_factory("--block-size", "4", name="prefix-cache")
+    prompt = "the quick brown fox jumps over the lazy dog, hello world, this is loraplex"
+    with Client(server.target, timeout=60) as client:
+        first = client.generate(prompt, max_new_tokens=2)
+        client.generate(prompt, max_new_tokens=2)
+    expected = (first.prompt_tokens - 1) // 4 * 4
+    assert expected >= 8
+    _scrape_when(api, server, lambda t: api.metric(t, "loraplex_prefix_cache_reused_tokens_total") == expected)
 
 
 def test_endpoint_labels_stay_bounded(traffic, api):

@@ -111,7 +111,8 @@ class Recorder:
 
 @pytest.fixture(scope="module")
 def roomy(tiny_model, tiny_adapters) -> Engine:
-    return make_engine(tiny_model, tiny_adapters)
+    """Solo runs compute every prompt in full: no prefix cache."""
+    return make_engine(tiny_model, tiny_adapters, prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -313,11 +314,15 @@ def test_preemption_with_chunked_prefill_recomputes_correctly(tiny_model, tiny_a
     assert_idle_and_clean(engine)
 
 
-def test_sequence_preempted_part_way_through_its_prefill_starts_over(tiny_model, tiny_adapters, solo):
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["recomputed", "cached"])
+def test_sequence_preempted_part_way_through_its_prefill_starts_over(tiny_model, tiny_adapters, solo, prefix_caching):
+    """Without the prefix cache it starts again from position 0; with it, from the prompt blocks
+    it had completed (they stay cached after it frees them, unless their memory was needed)."""
     # 16 blocks of 4. The decoding request holds 3 blocks and grows; the late one (5 virtual + 40
     # prompt positions) takes 12 at admission and is prefilled 2 positions per step, so the
     # decoding one runs out of blocks while the late one is still part-way through its prompt
-    engine = make_engine(tiny_model, tiny_adapters, max_total_tokens=64, max_batch_tokens=6, prefill_chunk_tokens=2)
+    engine = make_engine(tiny_model, tiny_adapters, max_total_tokens=64, max_batch_tokens=6, prefill_chunk_tokens=2,
+                         prefix_caching=prefix_caching)
     make_resident(engine, "attn4", "all16")
     decoding = req(PROMPTS[2], "decoding", "attn4", new=30)
     late = req(LONG + LONG, "late", "all16", "soft", new=4)
@@ -338,7 +343,11 @@ def test_sequence_preempted_part_way_through_its_prefill_starts_over(tiny_model,
     [(rid, computed, positions)] = computed_when_preempted
     assert rid == "late" and 0 < computed < positions - 1
     late_chunks = [c for _, c in rec.chunks_of("late")]
-    assert any(c.preempted and c.start == 0 for c in late_chunks)  # recomputed from position 0
+    restarts = [c.start for c in late_chunks if c.preempted][:1]
+    if prefix_caching:  # resumed from a block boundary it had reached, not from 0
+        assert restarts and 0 < restarts[0] <= computed and restarts[0] % engine.blocks.block_size == 0, restarts
+    else:
+        assert restarts == [0]
     for r in (decoding, late):
         assert_matches_solo(rec, r, solo)
     assert_idle_and_clean(engine)

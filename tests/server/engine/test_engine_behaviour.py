@@ -198,7 +198,8 @@ def test_max_running_caps_every_step(tiny_model, tiny_adapters, solo_cache):
 
 
 def test_max_batch_tokens_splits_prefills(tiny_model, tiny_adapters, solo_cache):
-    engine = make_engine(tiny_model, tiny_adapters, max_batch_tokens=12)
+    # no prefix cache: "long" begins with a's prompt, and would start where a's blocks end
+    engine = make_engine(tiny_model, tiny_adapters, max_batch_tokens=12, prefix_caching=False)
     prefills: list[list[tuple[str, int, int]]] = []  # per step: (request, start, length) of prefill chunks
     run = engine.runner.run
 

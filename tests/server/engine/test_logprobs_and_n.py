@@ -179,7 +179,7 @@ def test_n_outputs_finish_each_index_once_and_the_request_last(engine):
 
 
 def test_abort_ends_every_completion(engine):
-    rid = engine.add_request(request(rid="ab", n=4, max_new_tokens=50))
+    rid = engine.add_request(request(prompt=[9, 8, 7, 6, 5, 4, 3, 2, 1, 10], rid="ab", n=4, max_new_tokens=50))
     engine.step()
     assert len(engine.scheduler.running) == 1  # the others wait for the prompt it computes
     engine.step()
@@ -190,7 +190,7 @@ def test_abort_ends_every_completion(engine):
 
 
 def test_abort_while_completions_wait_for_the_shared_prompt(engine):
-    rid = engine.add_request(request(rid="ab2", n=3, max_new_tokens=50))
+    rid = engine.add_request(request(prompt=[19, 18, 17, 16, 15, 14, 13, 12, 11, 20], rid="ab2", n=3, max_new_tokens=50))
     engine.step()
     assert len(engine.scheduler.running) == 1 and len(engine.scheduler.waiting) == 2
     assert engine.abort(rid)
