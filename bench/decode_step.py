@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.server.engine.sequence import Request
 
     model_dir = resolve_model(None)
-    engine = Engine(EngineConfig(threads=args.threads, max_loras=args.max_loras or max(1, args.distinct),
+    engine = Engine(EngineConfig(threads=args.threads, prefix_caching=False, max_loras=args.max_loras or max(1, args.distinct),
                                  max_running=args.requests, cpu_matmul=args.cpu_matmul))
     names: list[str | None] = [None] * args.requests
     if args.distinct:

@@ -35,7 +35,9 @@ def loraplex_runs(model_dir: Path, texts: list[str], adapters: list[Path], new_t
     from loraplex.server.engine.sampler import SamplingParams
     from loraplex.server.engine.sequence import Request
 
-    engine = Engine(EngineConfig(model=str(model_dir), max_loras=max(1, len(adapters)), max_running=len(texts)))
+    # no prefix cache: every round replays the same prompts, and HF computes them every time
+    engine = Engine(EngineConfig(model=str(model_dir), max_loras=max(1, len(adapters)), max_running=len(texts),
+                                 prefix_caching=False))
     names = [f"a{i}" for i in range(len(adapters))]
     for name, path in zip(names, adapters):
         engine.register_adapter(name, str(path))

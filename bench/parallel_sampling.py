@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.server.engine.sequence import Request
 
     model_dir = resolve_model(args.model)
-    engine = Engine(EngineConfig(model=str(model_dir), threads=args.threads, max_running=max(16, args.n)))
+    # no prefix cache: rounds replay one prompt; what is measured is the n completions' sharing
+    engine = Engine(EngineConfig(model=str(model_dir), threads=args.threads, max_running=max(16, args.n),
+                                 prefix_caching=False))
     ids = long_prompt(engine.tokenizer, args.prompt_tokens)
     n, new = args.n, args.new_tokens
 

@@ -49,8 +49,9 @@ def loraplex_engine(ctx: BenchContext, sets: dict[str, list[Path]], max_running:
     from loraplex.server.engine.engine import Engine
 
     slots = sum(len(v) for v in sets.values())
+    # no prefix cache: the rounds replay the same prompts, and the peers compute them every time
     engine = Engine(EngineConfig(model=str(ctx.model_dir), max_loras=slots, max_running=max_running,
-                                 threads=ctx.threads))
+                                 threads=ctx.threads, prefix_caching=False))
     for set_name, paths in sets.items():
         for i, path in enumerate(paths):
             engine.register_adapter(f"{set_name}-{i}", str(path))

@@ -56,10 +56,12 @@ class Server:
 
 def start_server(model: Path, store: Path, log: Path, *extra: str, threads: int, timeout: float = 600) -> Server:
     """Start `loraplex serve` on free ports and wait for its ready line (the store may hold
-    thousands of adapters, which it re-registers before it is ready)."""
+    thousands of adapters, which it re-registers before it is ready). Without the prefix cache:
+    the scenarios replay a few prompts, which would measure cache hits, not the engine under load
+    (`prefix_reuse` measures the cache)."""
     cmd = [sys.executable, "-m", "loraplex.clients.cli", "serve", "--model", str(model), "--store", str(store),
            "--port", "0", "--metrics-port", "0", "--threads", str(threads), "--registry-poll-seconds", "0",
-           "--log-level", "WARNING", *extra]
+           "--log-level", "WARNING", "--no-prefix-caching", *extra]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
