@@ -24,7 +24,8 @@ The n completions of one request share the KV blocks of their prompt: the first 
 computes it, the others wait for it, then take its full blocks before the last prompt position
 and compute only the rest (at most a block's worth), so an n-way request prefills about once.
 Any other sequence starts from the longest prefix of its prompt whose blocks are in the prefix
-cache (block_manager.py), again short of its last prompt position, whose logits it needs.
+cache (block_manager.py), again short of its last prompt position, whose logits it needs; while
+a running sequence is computing the next block of that prefix, it waits for it instead.
 
 Admission is FIFO and needs room under `max_running`, enough free KV blocks for all the
 sequence's positions (allocated at admission, whatever its first chunk), and a device slot for
@@ -109,6 +110,9 @@ class Scheduler:
                 passed_over.append(self.waiting.popleft())
                 continue
             cached, idle = (0, 0) if shared else self.blocks.cached_count(seq.prefix_hashes)
+            if not shared and self._prefix_in_progress(seq, cached):
+                passed_over.append(self.waiting.popleft())
+                continue
             if self.blocks.blocks_for(seq.num_tokens) - (shared or cached) > self.blocks.num_free - idle:
                 break
             self.waiting.popleft()
@@ -147,6 +151,16 @@ class Scheduler:
             c.seq.num_computed = c.end
             for i in range(c.start // bs, min(c.end // bs, len(c.seq.prefix_hashes))):
                 self.blocks.register(c.seq.block_table[i], c.seq.prefix_hashes[i])
+
+    def _prefix_in_progress(self, seq: Sequence, cached: int) -> bool:
+        """Whether a running sequence is computing the next block of `seq`'s prompt prefix after
+        the `cached` ones: then `seq` waits a step or two and finds it cached, rather than
+        computing the same keys and values beside it (a burst of requests on one endpoint)."""
+        if len(seq.prefix_hashes) <= cached:
+            return False
+        block_end = (cached + 1) * self.blocks.block_size
+        return any(len(other.prefix_hashes) > cached and other.prefix_hashes[cached] == seq.prefix_hashes[cached]
+                   and other.num_computed < block_end for other in self.running)
 
     def _shareable_blocks(self, seq: Sequence) -> int | None:
         """How many KV blocks `seq` can take from its request's first completion (`leader`): the

@@ -114,6 +114,28 @@ def test_prompt_logits_after_a_cached_prefix_match_a_full_prefill(engines):
     torch.testing.assert_close(logits["cached"], logits["plain"], atol=ATOL, rtol=0)
 
 
+def test_a_burst_sharing_a_prefix_computes_it_once(tiny_model, tiny_adapters):
+    """Requests sent together: the first computes the common prefix, the others wait for its
+    blocks instead of computing them beside it."""
+    cached = make(tiny_model, tiny_adapters, True)
+    plain = make(tiny_model, tiny_adapters, False)
+    burst = [req([p + 2 for p in SHARED] + tail, f"burst-{i}", "attn4") for i, tail in enumerate(TAILS)]
+    starts = []
+    real = cached.runner.run
+
+    def run(chunks):
+        starts.extend((c.seq.request_id, c.start) for c in chunks if not c.is_decode)
+        return real(chunks)
+
+    cached.runner.run = run
+    got = cached.generate(burst)
+    cached.runner.run = real
+    common = len(SHARED) // BLOCK * BLOCK
+    assert sorted(starts) == [("burst-0", 0), ("burst-1", common), ("burst-2", common)], starts
+    assert_same_results(got, plain.generate(burst), burst)
+    assert cached.blocks.num_free == cached.blocks.num_blocks
+
+
 def test_no_reuse_across_adapters_soft_prompts_or_the_base(tiny_model, tiny_adapters):
     cached = make(tiny_model, tiny_adapters, True)  # fresh: a soft prompt's all-virtual first block is shared
     variants = [(None, None), ("attn4", None), ("mlp8", None), (None, "soft"), ("attn4", "soft")]
