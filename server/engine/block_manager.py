@@ -16,6 +16,7 @@ never-registered ones first, then from cached ones, least recently freed first.
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 
 
@@ -24,9 +25,10 @@ def prefix_hashes(ids: list[int], block_size: int, num_blocks: int, key: str) ->
     and `key`. blake2b, not Python's hash: a prompt crafted to collide with another tenant's
     prefix must not read that tenant's keys and values."""
     hashes, parent = [], hashlib.blake2b(key.encode(), digest_size=16).digest()
+    data = array("q", ids[:num_blocks * block_size]).tobytes()
+    step = block_size * 8
     for i in range(num_blocks):
-        block = ",".join(map(str, ids[i * block_size:(i + 1) * block_size])).encode()
-        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        parent = hashlib.blake2b(parent + data[i * step:(i + 1) * step], digest_size=16).digest()
         hashes.append(parent)
     return hashes
 
