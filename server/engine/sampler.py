@@ -157,6 +157,27 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return torch.Generator(device=device).manual_seed(seed)
 
 
+ARGMAX_BLOCK = 256  # widest block of a row that `row_argmax` reduces with amax
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] long: the same as x.argmax(-1) (ties: the lowest index), in two stages.
+
+    On a CPU argmax over a row is a scalar loop (0.9 ms for 32 rows of 49,152) while amax is
+    vectorised (0.04 ms): so take each block's max with amax, the first block holding the row's
+    max, then the argmax inside that block alone. The first block with the max holds its lowest
+    index, so ties resolve as argmax resolves them. Rows whose width has no block of at least 16
+    dividing it take the plain argmax."""
+    rows, width = x.shape
+    block = next((b for b in (ARGMAX_BLOCK, 128, 64, 32, 16) if width % b == 0), None)
+    if x.device.type != "cpu" or block is None or width == block:
+        return x.argmax(dim=-1)
+    blocks = x.view(rows, width // block, block)
+    first = blocks.amax(dim=-1).argmax(dim=-1)  # [B] the first block holding each row's max
+    inside = blocks[torch.arange(rows, device=x.device), first].argmax(dim=-1)  # [B]
+    return first * block + inside
+
+
 class Sampler:
     """Picks the next token of every row in a batch, each row under its own params."""
 
@@ -181,7 +202,7 @@ class Sampler:
         temperature = temperature.to(device)  # [B]
         # A temperature that underflows float32 is greedy too: dividing by 0 would give NaN.
         sampled = temperature > 0  # [B]
-        tokens = logits.argmax(dim=-1)  # [B]; ties -> lowest index
+        tokens = row_argmax(logits)  # [B]; ties -> lowest index
         if not bool(sampled.any()):
             return tokens
 
@@ -194,7 +215,7 @@ class Sampler:
             top_p=torch.tensor([params[r].top_p for r in row_list], device=device),
         )  # [S, V]
         noise = _exponential_noise(probs.shape, device, [generators[r] for r in row_list])
-        tokens[rows] = (probs / noise).argmax(dim=-1)
+        tokens[rows] = row_argmax(probs / noise)
         return tokens
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from loraplex.server.engine.sampler import Sampler, SamplingParams, make_generator
+from loraplex.server.engine.sampler import Sampler, SamplingParams, make_generator, row_argmax
 
 sampler = Sampler()
 
@@ -235,3 +235,15 @@ def test_stop_list_is_converted_to_tuple():
 def test_validate_rejects_bad_fields(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs).validate()
+
+
+@pytest.mark.parametrize("width", [49152, 320, 512, 256, 100, 7])
+def test_row_argmax_is_argmax_with_its_ties(width):
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(6, width, generator=gen)
+    x[1] = 0.0  # every entry tied: index 0
+    x[2, width // 3] = x[2, width - 1] = 50.0  # a tie across blocks: the lower index
+    x[3, 1] = x[3, 2] = 60.0  # a tie inside a block
+    x[4] = float("-inf")
+    x[5, width // 2] = float("nan")  # argmax takes a NaN as the largest
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
