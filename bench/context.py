@@ -12,6 +12,12 @@ class BenchContext:
     work: Path  # generated adapters and stores, reused across runs
     quick: bool
     threads: int
+    device: str = "cpu"  # where loraplex and its peers run (cpu, cuda, cuda:1, ...)
+    quantize: str = "none"  # the base model's weights: none (float32), nf4, fp4 or int8 (bitsandbytes)
+
+    def engine_flags(self) -> list[str]:
+        """`loraplex serve` flags for this run's device and base."""
+        return ["--device", self.device, "--quantize", self.quantize]
 
     def size(self, quick, full):
         """`quick` in a --quick run, else `full`."""

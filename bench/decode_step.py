@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.server.engine.sequence import Request
 
     model_dir = resolve_model(None)
-    engine = Engine(EngineConfig(threads=args.threads, prefix_caching=False, max_loras=args.max_loras or max(1, args.distinct),
-                                 max_running=args.requests, cpu_matmul=args.cpu_matmul))
+    engine = Engine(EngineConfig(threads=args.threads, max_loras=args.max_loras or max(1, args.distinct),
+                                 max_running=args.requests, cpu_matmul=args.cpu_matmul, prefix_caching=False))
     names: list[str | None] = [None] * args.requests
     if args.distinct:
         paths = make_adapters(model_dir, Path(args.out) / "adapters", args.distinct, [16], ATTENTION)

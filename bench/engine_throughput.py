@@ -28,7 +28,8 @@ from .workload import ATTENTION, Timer, machine, make_adapters, prompts, write_j
 Run = Callable[[], list[list[int]]]  # one timed workload -> generated ids per request
 
 
-def loraplex_runs(model_dir: Path, texts: list[str], adapters: list[Path], new_tokens: int) -> tuple[Run, Run]:
+def loraplex_runs(model_dir: Path, texts: list[str], adapters: list[Path], new_tokens: int, device: str = "cpu",
+                  quantize: str = "none") -> tuple[Run, Run]:
     """(base-only run, one-adapter-per-request run) on one engine."""
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
@@ -37,7 +38,7 @@ def loraplex_runs(model_dir: Path, texts: list[str], adapters: list[Path], new_t
 
     # no prefix cache: every round replays the same prompts, and HF computes them every time
     engine = Engine(EngineConfig(model=str(model_dir), max_loras=max(1, len(adapters)), max_running=len(texts),
-                                 prefix_caching=False))
+                                 prefix_caching=False, device=device, quantize=quantize))
     names = [f"a{i}" for i in range(len(adapters))]
     for name, path in zip(names, adapters):
         engine.register_adapter(name, str(path))
@@ -54,11 +55,32 @@ def loraplex_runs(model_dir: Path, texts: list[str], adapters: list[Path], new_t
     return (lambda: run(False)), (lambda: run(True))
 
 
+def hf_model(model_dir: Path, device: str = "cpu", quantize: str = "none"):
+    """The Hugging Face model the peers run: float32 on `device`, or its projections quantized by
+    bitsandbytes as loraplex's `--quantize` does (4-bit without double quantization, float32
+    compute, the same float CPU kernel)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {}
+    if quantize in ("nf4", "fp4"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                                                           bnb_4bit_compute_dtype=torch.float32)
+    elif quantize == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantize != "none":
+        raise ValueError(f"unknown quantize {quantize!r}: choose none, nf4, fp4 or int8")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=device, **kwargs)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
 def hf_run(model, tokenizer, texts: list[str], new_tokens: int, **generate_kwargs) -> Run:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    inputs = tokenizer(texts, return_tensors="pt", padding=True)
+    inputs = tokenizer(texts, return_tensors="pt", padding=True).to(model.device)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tokenizer.pad_token_id, **generate_kwargs)
 
@@ -71,9 +93,10 @@ def hf_run(model, tokenizer, texts: list[str], new_tokens: int, **generate_kwarg
     return run
 
 
-def matmul_ceiling_run(model_dir: Path, batch: int, steps: int, prepack: bool = False) -> Run:
-    """The dense matrix multiplies of `steps` decode steps (all layers + lm_head), nothing else:
-    with F.linear, or (`prepack`) with oneDNN-prepacked weights as the engine runs them on a CPU."""
+def matmul_ceiling_run(model_dir: Path, batch: int, steps: int, prepack: bool = False, device: str = "cpu") -> Run:
+    """The dense float32 matrix multiplies of `steps` decode steps (all layers + lm_head), nothing
+    else, on `device`: with F.linear, or (`prepack`) with oneDNN-prepacked weights as the engine
+    runs them on a CPU."""
     from loraplex.server.engine.loader import load_config
     from loraplex.server.engine.model_config import spec_from_hf_config
     from loraplex.server.engine.quantize import DenseLinear
@@ -81,10 +104,11 @@ def matmul_ceiling_run(model_dir: Path, batch: int, steps: int, prepack: bool = 
     s = spec_from_hf_config(load_config(model_dir))
     shapes = [(s.q_size + 2 * s.kv_size, s.hidden_size), (s.hidden_size, s.q_size),
               (2 * s.intermediate_size, s.hidden_size), (s.hidden_size, s.intermediate_size)]
-    layers = [[DenseLinear(torch.randn(o, i), None, prepack) for o, i in shapes] for _ in range(s.num_layers)]
-    lm_head = DenseLinear(torch.randn(s.vocab_size, s.hidden_size), None, prepack)
-    xs = [torch.randn(batch, i) for _, i in shapes]
-    h = torch.randn(batch, s.hidden_size)
+    layers = [[DenseLinear(torch.randn(o, i, device=device), None, prepack) for o, i in shapes]
+              for _ in range(s.num_layers)]
+    lm_head = DenseLinear(torch.randn(s.vocab_size, s.hidden_size, device=device), None, prepack)
+    xs = [torch.randn(batch, i, device=device) for _, i in shapes]
+    h = torch.randn(batch, s.hidden_size, device=device)
 
     @torch.inference_mode()
     def run() -> list[list[int]]:
@@ -93,18 +117,20 @@ def matmul_ceiling_run(model_dir: Path, batch: int, steps: int, prepack: bool = 
                 for x, linear in zip(xs, layer):
                     linear(x)
             lm_head(h)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
         return []
 
     return run
 
 
-def ceiling_runs(model_dir: Path, batch: int, steps: int) -> dict[str, Run]:
+def ceiling_runs(model_dir: Path, batch: int, steps: int, device: str = "cpu") -> dict[str, Run]:
     """The bare-matmul contenders: F.linear and, where oneDNN runs, prepacked weights."""
     from loraplex.server.engine.quantize import prepack_supported
 
-    runs = {CEILING_TORCH: matmul_ceiling_run(model_dir, batch, steps)}
-    if prepack_supported(torch.float32, torch.device("cpu")):
-        runs[CEILING_ONEDNN] = matmul_ceiling_run(model_dir, batch, steps, prepack=True)
+    runs = {CEILING_TORCH: matmul_ceiling_run(model_dir, batch, steps, device=device)}
+    if prepack_supported(torch.float32, torch.device(device)):
+        runs[CEILING_ONEDNN] = matmul_ceiling_run(model_dir, batch, steps, prepack=True, device=device)
     return runs
 
 
@@ -145,11 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (the median of each contender is reported)")
     p.add_argument("--out", default="bench/out", help="directory for adapters and results")
     p.add_argument("--skip-peft", action="store_true")
+    p.add_argument("--device", default="cpu", help="where every contender runs: cpu, cuda, ...")
+    p.add_argument("--quantize", default="none", choices=["none", "nf4", "fp4", "int8"],
+                   help="the base model's weights for loraplex and its peers (the ceiling stays float32)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from loraplex.server.engine.loader import resolve_model
 
@@ -163,18 +192,19 @@ def main(argv: list[str] | None = None) -> dict:
     label_peft = f"PEFT mixed batch, {args.adapters} adapters"
 
     contenders: dict[str, Run] = {}
-    contenders["loraplex base"], contenders[label_lora] = loraplex_runs(model_dir, texts, adapters, n)
-    base_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    contenders["loraplex base"], contenders[label_lora] = loraplex_runs(model_dir, texts, adapters, n, args.device,
+                                                                        args.quantize)
+    base_model = hf_model(model_dir, args.device, args.quantize)
     contenders["HF generate base"] = hf_run(base_model, tokenizer, texts, n)
     if not args.skip_peft:
-        peft_model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapters[0], adapter_name="a0")
+        peft_model = PeftModel.from_pretrained(hf_model(model_dir, args.device, args.quantize), adapters[0],
+                                               adapter_name="a0")
         for i, path in enumerate(adapters[1:], 1):
             peft_model.load_adapter(path, adapter_name=f"a{i}")
         peft_model.eval()
         names = [f"a{i % len(adapters)}" for i in range(len(texts))]
         contenders[label_peft] = hf_run(peft_model, tokenizer, texts, n, adapter_names=names)
-    contenders.update(ceiling_runs(model_dir, args.requests, n))
+    contenders.update(ceiling_runs(model_dir, args.requests, n, args.device))
 
     rates: dict[str, list[float]] = {k: [] for k in contenders}
     outputs: dict[str, list[list[int]]] = {}

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{count} requests in {args.waves} waves of {args.per_wave}, a {len(prefix)}-token shared prefix, "
           f"{args.new_tokens} new tokens each, {args.threads} threads (median of {args.repeats} rounds)")
     for name, rate in rates.items():
-        print(f"  {name:28s} {rate:7.1f} tokens/s" + (f"   {rates[first] / rate:5.2f}x slower" if name != first else ""))
+        slower = f"   {rates[first] / rate:5.2f}x slower" if name != first else ""
+        print(f"  {name:28s} {rate:7.1f} tokens/s{slower}")
     print(f"  the same tokens with and without the cache: {same_tokens}")
     return result
 

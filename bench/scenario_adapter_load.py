@@ -47,7 +47,8 @@ def phases(ctx: BenchContext, repeats: int) -> list[dict]:
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
 
-    engine = Engine(EngineConfig(model=str(ctx.model_dir), max_loras=1, max_cpu_loras=4, threads=ctx.threads))
+    engine = Engine(EngineConfig(model=str(ctx.model_dir), max_loras=1, max_cpu_loras=4, threads=ctx.threads,
+                                 device=ctx.device, quantize=ctx.quantize))
     slots = engine.slots
     spare = write_loras(ctx.model_dir, ctx.work / "load" / "spare", 1, [4], ["q_proj"], seed=1)[0]
     engine.register_adapter("spare", str(spare))
@@ -87,7 +88,7 @@ def stalls(ctx: BenchContext, counts: list[int], stream_tokens: int, streams: in
     log = ctx.out / "logs" / "adapter-load.log"
     out = []
     with start_server(ctx.model_dir, ctx.work / "store-load", log, "--max-loras", str(max(counts) + 1),
-                      "--max-running", str(streams + max(counts)), threads=ctx.threads) as server:
+                      "--max-running", str(streams + max(counts)), *ctx.engine_flags(), threads=ctx.threads) as server:
         ensure_registered(server.target, adapters, "s")
         used = 0
         for n in counts:

@@ -1,6 +1,7 @@
 """Scenario 1: decode throughput against the number of distinct adapters in one batch.
 
-In one process, float32, the same thread count and prompts, every request generating exactly
+In one process, float32 (or the suite's `--quantize` base for every contender) on the suite's
+`--device`, the same thread count and prompts, every request generating exactly
 `new_tokens` tokens (EOS ignored): loraplex with k distinct adapters (request i uses adapter
 i mod k; k = 0 is the base model), HF `generate` base-only, PEFT's mixed batch
 (`generate(adapter_names=...)`) and PEFT switching adapters between sub-batches (`set_adapter`
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .context import BenchContext
-from .engine_throughput import CEILING_ONEDNN, CEILING_TORCH, agreement, ceiling_rates, ceiling_runs, hf_run, paired_ratio
+from .engine_throughput import (CEILING_ONEDNN, CEILING_TORCH, agreement, ceiling_rates, ceiling_runs, hf_model, hf_run,
+                                paired_ratio)
 from .report import check, plot, table
 from .workload import ATTENTION, Timer, prompts, write_loras
 
@@ -51,7 +53,7 @@ def loraplex_engine(ctx: BenchContext, sets: dict[str, list[Path]], max_running:
     slots = sum(len(v) for v in sets.values())
     # no prefix cache: the rounds replay the same prompts, and the peers compute them every time
     engine = Engine(EngineConfig(model=str(ctx.model_dir), max_loras=slots, max_running=max_running,
-                                 threads=ctx.threads, prefix_caching=False))
+                                 threads=ctx.threads, prefix_caching=False, device=ctx.device, quantize=ctx.quantize))
     for set_name, paths in sets.items():
         for i, path in enumerate(paths):
             engine.register_adapter(f"{set_name}-{i}", str(path))
@@ -76,9 +78,8 @@ def loraplex_run(engine, texts: list[str], names: list[str | None], new_tokens: 
 
 def peft_model(ctx: BenchContext, sets: dict[str, list[Path]]):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=torch.float32)
+    base = hf_model(ctx.model_dir, ctx.device, ctx.quantize)
     model = None
     for set_name, paths in sets.items():
         for i, path in enumerate(paths):
@@ -108,7 +109,7 @@ def peft_switch_run(model, tokenizer, texts: list[str], names: list[str], new_to
 
 
 def run(ctx: BenchContext) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(ctx.threads)
     new_tokens = ctx.size(8, 64)  # the issue measured its peers at 32 requests x 64 new tokens
@@ -122,7 +123,7 @@ def run(ctx: BenchContext) -> dict:
     eos = {tokenizer.eos_token_id}
     ctx.log(f"adapters per batch: loading loraplex, HF and PEFT with {2 * max_k} adapters")
     engine = loraplex_engine(ctx, sets, max_n)
-    hf = AutoModelForCausalLM.from_pretrained(ctx.model_dir, dtype=torch.float32).eval()
+    hf = hf_model(ctx.model_dir, ctx.device, ctx.quantize)
     peft = peft_model(ctx, sets)
 
     contenders: dict[tuple, dict[str, Run]] = {}
@@ -130,7 +131,7 @@ def run(ctx: BenchContext) -> dict:
         texts = prompts(n)
         contenders[("base", 0, n)] = {"loraplex base": loraplex_run(engine, texts, [None] * n, new_tokens),
                                       "HF generate base": hf_run(hf, tokenizer, texts, new_tokens),
-                                      **ceiling_runs(ctx.model_dir, n, new_tokens)}
+                                      **ceiling_runs(ctx.model_dir, n, new_tokens, ctx.device)}
     for set_name, k, n in pts:
         texts = prompts(n)
         names = names_for(set_name, k, n)
@@ -205,7 +206,7 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
     series["loraplex, ranks 4-64"] = [[p[1], statistics.median(rates[p]["loraplex"])] for p in pts if p[0] == "mixed"]
     return {
         "scenario": "adapters_per_batch",
-        "title": "1. Distinct adapters per batch (tokens/s, float32, in one process)",
+        "title": f"1. Distinct adapters per batch (tokens/s, {_base(ctx)}, in one process)",
         "config": {"new_tokens": new_tokens, "repeats": repeats, "points": pts, "targets": ATTENTION,
                    "sets": {"r16": "rank 16", "mixed": "ranks 4, 8, 16, 32, 64 cycling"}},
         "tables": [table("tokens/s (median of rounds) and paired ratios",
@@ -223,3 +224,8 @@ def result(ctx, pts, rates, outputs, eos, new_tokens, repeats, switch_limit) -> 
                   f"{switch_limit} sub-batches (one generate per adapter): beyond that one round takes minutes."],
         "data": {"rates": {f"{p[0]} k={p[1]} n={p[2]}": rates[p] for p in rates}, "ratios": ratios},
     }
+
+
+def _base(ctx: BenchContext) -> str:
+    return "float32" if ctx.quantize == "none" else f"{ctx.quantize} base"
+

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory or .gguf (default: SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads for every contender (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="where loraplex and its peers run: auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantize", choices=["none", "nf4", "fp4", "int8"], default="none",
+                   help="the base model's weights for loraplex and its peers (bitsandbytes; default: float32)")
     p.add_argument("--docs", help="also write the summary into this markdown file between its markers")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: rebuild SUMMARY.md (and --docs) from the JSON results already in --out")
@@ -74,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     from .summary import summary, update_docs
 
     out = Path(args.out)
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     ctx = BenchContext(model_dir=resolve_model(args.model), out=out,
                        work=Path(args.work) if args.work else out.parent / "work", quick=args.quick,
-                       threads=args.threads)
+                       threads=args.threads, device=device, quantize=args.quantize)
     command = "loraplex bench " + shlex.join(argv)
     results = []
     if args.report_only:
@@ -111,7 +118,8 @@ def machine_info(ctx) -> dict:
     from .workload import machine
 
     return {**machine(), "threads": ctx.threads, "cpus": os.cpu_count(), "load_average": os.getloadavg()[0],
-            "model": str(ctx.model_dir), "quick": ctx.quick, "gpu": gpu_name()}
+            "model": str(ctx.model_dir), "quick": ctx.quick, "gpu": gpu_name(), "device": ctx.device,
+            "quantize": ctx.quantize}
 
 
 def gpu_name() -> str | None:

@@ -20,7 +20,8 @@ def summary(results: list[dict], image_prefix: str = "") -> str:
             f"{rs[-1].get('date', '?')})" for cmd, rs in runs.items()) + ".",
         f"Machine: {platform.machine()}, {m.get('cpus')} CPUs, {m.get('threads')} torch threads, "
         f"GPU: {m.get('gpu') or 'none'}; torch {m.get('torch')}, Python {m.get('python')}; "
-        f"load average at the end {m.get('load_average', 0):.1f}. Model: `{Path(m.get('model', '')).name}`, float32.",
+        f"load average at the end {m.get('load_average', 0):.1f}. Model: `{Path(m.get('model', '')).name}`, "
+        f"{_base(m)}, on {m.get('device', 'cpu')}.",
         "",
         f"Checks not met: {len(failed)} of {sum(len(r['checks']) for r in results)}.",
         "",
@@ -36,3 +37,9 @@ def update_docs(path: Path, text: str, start: str, end: str) -> None:
     head, _, rest = doc.partition(start)
     _, _, tail = rest.partition(end)
     path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def _base(machine: dict) -> str:
+    quantize = machine.get("quantize", "none")
+    return "float32" if quantize == "none" else f"{quantize} base (float32 compute)"
+

@@ -96,3 +96,19 @@ def test_quick_suite_writes_sane_results(tmp_path):
     runs = latency["data"]["runs"]
     assert all(r["achieved_rate"] > 0 for r in runs)
     assert all(c["passed"] is not False for c in latency["checks"]), latency["checks"]
+
+
+@pytest.mark.slow
+def test_scenario_one_runs_every_contender_on_an_nf4_base(tmp_path):
+    """`--quantize nf4` (what a GPU run pairs with `--device cuda`): loraplex, HF and PEFT all on
+    the NF4 base, agreeing token for token; the machine record says so."""
+    out = tmp_path / "nf4"
+    done = bench("adapters_per_batch", "--quick", "--quantize", "nf4", "--device", "cpu", "--threads", "1",
+                 "--out", str(out), "--work", str(tmp_path / "work"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((out / "adapters_per_batch.json").read_text())
+    assert "nf4 base" in result["title"]
+    assert result["machine"]["quantize"] == "nf4" and result["machine"]["device"] == "cpu"
+    agreement = [c for c in result["checks"] if c["name"].startswith("greedy agreement")]
+    assert len(agreement) >= 5 and all(c["passed"] for c in agreement)
+    assert "nf4 base (float32 compute), on cpu" in (out / "SUMMARY.md").read_text()
