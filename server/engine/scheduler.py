@@ -103,6 +103,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         passed_over: list[Sequence] = []
         loaded = False  # an adapter was copied into a slot in this step
+        in_progress = {h for s in self.running for h in self._pending_hashes(s)}
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
             shared = self._shareable_blocks(seq)
@@ -110,7 +111,10 @@ class Scheduler:
                 passed_over.append(self.waiting.popleft())
                 continue
             cached, idle = (0, 0) if shared else self.blocks.cached_count(seq.prefix_hashes)
-            if not shared and self._prefix_in_progress(seq, cached):
+            if not shared and seq.prefix_hashes[cached:cached + 1] and seq.prefix_hashes[cached] in in_progress:
+                # a running sequence is computing the next block of this prompt's prefix: wait a
+                # step or two and find it cached, rather than compute it beside it (a burst of
+                # requests on one endpoint)
                 passed_over.append(self.waiting.popleft())
                 continue
             if self.blocks.blocks_for(seq.num_tokens) - (shared or cached) > self.blocks.num_free - idle:
@@ -136,6 +140,7 @@ class Scheduler:
             self.blocks.allocate(seq.block_table, seq.num_tokens)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            in_progress.update(self._pending_hashes(seq))
             if decoding and not resident:
                 continue  # the copy is this step's extra work; its prefill starts next step
             chunks.append(self._chunk(seq, budget))
@@ -152,15 +157,10 @@ class Scheduler:
             for i in range(c.start // bs, min(c.end // bs, len(c.seq.prefix_hashes))):
                 self.blocks.register(c.seq.block_table[i], c.seq.prefix_hashes[i])
 
-    def _prefix_in_progress(self, seq: Sequence, cached: int) -> bool:
-        """Whether a running sequence is computing the next block of `seq`'s prompt prefix after
-        the `cached` ones: then `seq` waits a step or two and finds it cached, rather than
-        computing the same keys and values beside it (a burst of requests on one endpoint)."""
-        if len(seq.prefix_hashes) <= cached:
-            return False
-        block_end = (cached + 1) * self.blocks.block_size
-        return any(len(other.prefix_hashes) > cached and other.prefix_hashes[cached] == seq.prefix_hashes[cached]
-                   and other.num_computed < block_end for other in self.running)
+    def _pending_hashes(self, seq: Sequence) -> list[bytes]:
+        """Prefix hashes of the prompt blocks `seq` has still to compute (a hash names its whole
+        prefix, so equal hashes mean equal blocks at the same place)."""
+        return seq.prefix_hashes[seq.num_computed // self.blocks.block_size:]
 
     def _shareable_blocks(self, seq: Sequence) -> int | None:
         """How many KV blocks `seq` can take from its request's first completion (`leader`): the
