@@ -41,8 +41,7 @@ async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tupl
         endpoint = resolved.endpoint
         for ref in (resolved.adapter, resolved.soft_prompt):
             if ref in state.unservable:
-                raise ApiError("FAILED_PRECONDITION", f"{ref} is registered but not servable on the served base "
-                                                      f"model: {state.unservable[ref]}")
+                raise ApiError("FAILED_PRECONDITION", f"{ref} is {state.not_servable(ref)}")
         loop = state.engine_loop
         try:
             engine_request = await asyncio.to_thread(loop.engine.encode, resolved.request)

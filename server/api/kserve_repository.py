@@ -36,8 +36,7 @@ async def index(state: ServerState, request: pb.RepositoryIndexRequest) -> pb.Re
     models = []
     for record in records:
         if record.ref not in servable:
-            why = state.unservable.get(record.ref)
-            entry = ("UNAVAILABLE", "registered, but not servable on the served base model" + (f": {why}" if why else ""))
+            entry = ("UNAVAILABLE", state.not_servable(record.ref))
         elif record.kind == "soft_prompt":
             entry = ("READY", "resident")  # soft prompts stay on the device once registered
         elif record.ref in pinned:
@@ -94,7 +93,7 @@ async def _loras(state: ServerState, name: str) -> list[str]:
 async def _pin(state: ServerState, ref: str) -> None:
     def pin(engine) -> None:
         if engine.slots.kind(ref) is None:
-            raise ApiError("FAILED_PRECONDITION", f"{ref} is registered but not servable on the served base model")
+            raise ApiError("FAILED_PRECONDITION", f"{ref} is {state.not_servable(ref)}")
         engine.slots.pin(ref)
 
     try:

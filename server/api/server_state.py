@@ -20,3 +20,8 @@ class ServerState:
     draining: bool = False  # SIGTERM received: refuse new requests, finish the running ones
     # registry refs (name@version) this replica cannot serve on its base model -> why (registry_sync)
     unservable: dict[str, str] = field(default_factory=dict)
+
+    def not_servable(self, ref: str) -> str:
+        """What to say of `ref`, registered but not servable here: the reason, when it is known."""
+        why = self.unservable.get(ref)
+        return "registered but not servable on the served base model" + (f": {why}" if why else "")
