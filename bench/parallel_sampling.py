@@ -15,13 +15,12 @@ Contenders are timed round-robin `--repeats` times and the median of each is rep
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from .workload import TOPICS, machine, write_json
+from .engine_throughput import hf_model
+from .workload import TOPICS, machine, print_rates, timed_rounds, write_json
 
 TEMPERATURE = 0.8
 SEED = 1
@@ -46,8 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
-
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
     from loraplex.server.engine.loader import resolve_model
@@ -64,18 +61,18 @@ def main(argv: list[str] | None = None) -> dict:
     def params(**kw) -> SamplingParams:
         return SamplingParams(max_new_tokens=new, ignore_eos=True, temperature=TEMPERATURE, **kw)
 
-    def shared() -> list[list[int]]:
+    def shared(round_: int) -> list[list[int]]:
         return [c.token_ids for c in engine.generate([Request(prompt_token_ids=ids, params=params(seed=SEED, n=n))])]
 
-    def separate() -> list[list[int]]:
+    def separate(round_: int) -> list[list[int]]:
         requests = [Request(prompt_token_ids=ids, params=params(seed=SEED + i)) for i in range(n)]
         return [c.token_ids for c in engine.generate(requests)]
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = hf_model(model_dir)
     hf_input = torch.tensor([ids])
 
     @torch.inference_mode()
-    def hf_generate() -> list[list[int]]:
+    def hf_generate(round_: int) -> list[list[int]]:
         out = hf.generate(hf_input, attention_mask=torch.ones_like(hf_input), do_sample=True, temperature=TEMPERATURE,
                           top_k=0, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
                           pad_token_id=engine.tokenizer.eos_token_id)
@@ -83,26 +80,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     contenders = {f"loraplex, one request with n={n}": shared, f"loraplex, {n} requests": separate,
                   f"HF generate, num_return_sequences={n}": hf_generate}
-    outputs = {name: run() for name, run in contenders.items()}  # warm-up, and the outputs checked
+    outputs, seconds, rates = timed_rounds(contenders, args.repeats, new)
     same_tokens = outputs[f"loraplex, one request with n={n}"] == outputs[f"loraplex, {n} requests"]
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name, run in contenders.items():
-            start = time.perf_counter()
-            got = run()
-            seconds[name].append(time.perf_counter() - start)
-            assert all(len(t) == new for t in got), name
-    rates = {name: n * new / statistics.median(s) for name, s in seconds.items()}
-    first = next(iter(rates))
     result = {"machine": machine(), "n": n, "prompt_tokens": len(ids), "new_tokens": new,
               "tokens_per_s": rates, "seconds": seconds, "same_tokens_shared_and_separate": same_tokens,
               "command": "python -m loraplex.bench.parallel_sampling " + " ".join(argv or [])}
     write_json(Path(args.out) / "parallel_sampling.json", result)
     print(f"n={n}, prompt {len(ids)} tokens, {new} new tokens each, {args.threads} threads "
           f"(median of {args.repeats} interleaved rounds)")
-    for name, rate in rates.items():
-        print(f"  {name:42s} {rate:7.1f} tokens/s   {rates[first] / rate:5.2f}x slower than the first"
-              if name != first else f"  {name:42s} {rate:7.1f} tokens/s")
+    print_rates(rates)
     print(f"  shared and separate give the same tokens: {same_tokens}")
     return result
 

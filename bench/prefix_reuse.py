@@ -16,14 +16,13 @@ cache starts cold every round. The median of each contender is reported.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from .engine_throughput import hf_model
 from .parallel_sampling import long_prompt
-from .workload import TOPICS, machine, write_json
+from .workload import TOPICS, machine, print_rates, timed_rounds, write_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,8 +37,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="bench/out", help="directory for the JSON result")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
@@ -59,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
     questions = [tokenizer(f" Question {i}: what is said about {TOPICS[i % len(TOPICS)]}?")["input_ids"]
                  for i in range(count)]
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    rounds = iter(range(1 << 30))
 
     def waves(round_: int) -> list[list[list[int]]]:
         """This round's requests: its own first words, so no round finds the previous one's blocks."""
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
             return out
         return run
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = hf_model(model_dir)
 
     @torch.inference_mode()
     def hf_generate(round_: int) -> list[list[int]]:
@@ -93,28 +89,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     contenders = {"loraplex, prefix cache": loraplex(True), "loraplex, no prefix cache": loraplex(False),
                   "HF generate": hf_generate}
-    warm = next(rounds)
-    outputs = {name: run(warm) for name, run in contenders.items()}  # warm-up, and the outputs checked
+    outputs, seconds, rates = timed_rounds(contenders, args.repeats, args.new_tokens)
     same_tokens = outputs["loraplex, prefix cache"] == outputs["loraplex, no prefix cache"]
-    seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        round_ = next(rounds)
-        for name, run in contenders.items():
-            start = time.perf_counter()
-            run(round_)
-            seconds[name].append(time.perf_counter() - start)
-    rates = {name: count * args.new_tokens / statistics.median(s) for name, s in seconds.items()}
     result = {"machine": machine(), "prefix_tokens": len(prefix), "waves": args.waves, "per_wave": args.per_wave,
               "new_tokens": args.new_tokens, "tokens_per_s": rates, "seconds": seconds,
               "same_tokens_with_and_without_cache": same_tokens,
               "command": "python -m loraplex.bench.prefix_reuse " + " ".join(argv or [])}
     write_json(Path(args.out) / "prefix_reuse.json", result)
-    first = next(iter(rates))
     print(f"{count} requests in {args.waves} waves of {args.per_wave}, a {len(prefix)}-token shared prefix, "
           f"{args.new_tokens} new tokens each, {args.threads} threads (median of {args.repeats} rounds)")
-    for name, rate in rates.items():
-        slower = f"   {rates[first] / rate:5.2f}x slower" if name != first else ""
-        print(f"  {name:28s} {rate:7.1f} tokens/s{slower}")
+    print_rates(rates)
     print(f"  the same tokens with and without the cache: {same_tokens}")
     return result
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import functools
 import json
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,6 +60,36 @@ class Timer:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+Contender = Callable[[int], list[list[int]]]  # round number -> generated ids of each sequence
+
+
+def timed_rounds(contenders: dict[str, Contender], repeats: int, new_tokens: int
+                 ) -> tuple[dict[str, list[list[int]]], dict[str, list[float]], dict[str, float]]:
+    """Round 0 runs every contender once (warm-up; its outputs are returned for the caller's
+    checks), then rounds 1..`repeats` time them round-robin, so the machine's drift spreads over
+    all of them. Every sequence must generate `new_tokens` tokens.
+    -> (round-0 outputs, seconds per timed run, tokens/s from the median run)."""
+    outputs = {name: run(0) for name, run in contenders.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(1, repeats + 1):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            got = run(round_)
+            seconds[name].append(time.perf_counter() - start)
+            assert all(len(ids) == new_tokens for ids in got), name
+    rates = {name: len(outputs[name]) * new_tokens / statistics.median(s) for name, s in seconds.items()}
+    return outputs, seconds, rates
+
+
+def print_rates(rates: dict[str, float]) -> None:
+    """One line per contender, with how much slower than the first it ran."""
+    first = next(iter(rates))
+    width = max(map(len, rates))
+    for name, rate in rates.items():
+        slower = f"   {rates[first] / rate:5.2f}x slower" if name != first else ""
+        print(f"  {name:{width}s} {rate:7.1f} tokens/s{slower}")
 
 
 def machine() -> dict:
