@@ -10,7 +10,7 @@ runs a parallel op gets its own team of threads, and once the teams together hol
 than there are cores, libgomp makes every waiting thread sleep almost at once instead of
 spinning, so each of a step's hundreds of parallel ops waits for its threads to wake. Built on
 one thread and stepped on another, the engine's decode steps took 56 ms instead of 37 (4
-streams, 2 cores); see also `adapter_slots._yield_to_the_engine`.
+streams, 2 cores); see also `adapter_slots._one_omp_thread`.
 """
 from __future__ import annotations
 

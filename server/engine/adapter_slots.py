@@ -172,7 +172,7 @@ class AdapterSlots:
         if pending is None or pending[0] != entry.path:
             if self._reader is None:
                 self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read",
-                                                  initializer=_yield_to_the_engine)
+                                                  initializer=_one_omp_thread)
             if self.device.type == "cpu":
                 self._open_rank_classes(entry.summary.get("ranks", {}))
             future = self._reader.submit(self._read, entry.path, name)
@@ -337,7 +337,7 @@ class AdapterSlots:
                 self._grow_pools(proj, rank)
 
 
-def _yield_to_the_engine() -> None:
+def _one_omp_thread() -> None:
     """The adapter-read thread's torch ops run on it alone (the thread count is per thread under
     OpenMP). Otherwise its first parallel op starts a second OpenMP team, and from then on, with
     more OpenMP threads than cores, libgomp makes every waiting thread sleep almost at once instead
