@@ -353,3 +353,18 @@ def test_dockerfile_serves_the_ports_the_manifests_use(render, deploy_dir):
     assert exposed == {p["containerPort"] for p in container["ports"]}
     uid = int(re.search(r"^USER (\d+)", text, re.MULTILINE)[1])
     assert _find(render(TRIAL), "Deployment", "loraplex")["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
+
+
+def test_dockerfile_installs_from_the_lock_and_copies_every_package_folder(deploy_dir):
+    """The image gets what scripts/install.sh gets: the locked versions with hashes, nothing
+    resolved at build time, and every folder pyproject.toml maps into `loraplex`."""
+    import tomllib
+
+    text = (deploy_dir / "Dockerfile").read_text()
+    repo = deploy_dir.parent
+    assert "--require-hashes -r requirements/serve-shared.txt -r requirements/model.txt" in text
+    assert (repo / "requirements" / "serve-shared.txt").is_file()
+    package_dirs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    copied = {shlex.split(line)[1] for line in text.splitlines() if line.startswith("COPY ") and "--from" not in line}
+    for folder in package_dirs.values():
+        assert any(folder == c or folder.startswith(c + "/") for c in copied), f"{folder} is not copied"
