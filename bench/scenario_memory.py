@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .context import BenchContext
 from .report import check, plot, table
-from .server_process import start_server
+from .server_process import python_env, start_server
 from .workload import ATTENTION, write_loras
 
 
@@ -82,7 +82,7 @@ def resident_curve(ctx: BenchContext, quantize: str, counts: list[int], adapters
     cmd = [sys.executable, "-m", "loraplex.bench.scenario_memory", "--model", str(ctx.model_dir),
            "--quantize", quantize, "--threads", str(ctx.threads), "--counts", ",".join(map(str, counts)),
            *map(str, adapters[:max(counts)])]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=python_env())
     if done.returncode:
         raise RuntimeError(f"memory probe ({quantize}) failed:\n{done.stderr[-3000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

@@ -12,6 +12,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+
+def python_env(**extra: str) -> dict[str, str]:
+    """The environment for a Python child of the benchmarks: PYTHONSAFEPATH keeps the working
+    directory (the repository root, when the suite runs from a checkout) off its sys.path, so the
+    checkout's folders cannot shadow installed packages."""
+    return {**os.environ, "PYTHONSAFEPATH": "1", **extra}
+
+
 READY = re.compile(r"loraplex serving .* on (?P<host>[\d.]+):(?P<port>\d+) \(metrics on [\d.]+:(?P<metrics>\d+)\)")
 
 
@@ -65,7 +73,7 @@ def start_server(model: Path, store: Path, log: Path, *extra: str, threads: int,
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env=python_env(PYTHONUNBUFFERED="1"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = READY.search(log.read_text(errors="replace"))

@@ -85,7 +85,7 @@ def test_crash_mid_publish_is_recovered_on_open(tmp_path, tiny_adapters, validat
     with AdapterStore(root) as store:
         kept = store.publish_dir("other", tiny_adapters["mlp8"], validate)
     child = subprocess.run([sys.executable, "-c", CHILD, str(root), str(tiny_adapters["attn4"]), point],
-                           capture_output=True, text=True, timeout=60)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert child.returncode == CRASH_EXIT, child.stderr
 
     blobs, staging = listing(root)

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,16 +15,18 @@ SCENARIOS = ["adapters_per_batch", "many_adapters", "adapter_load", "memory", "l
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loraplex.clients.cli", "bench", *args], capture_output=True,
-                          text=True, timeout=timeout)
+def bench(*args: str, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`loraplex bench ARGS` started in `cwd` (a test's own directory: `python -m` puts its working
+    directory on sys.path, and the repository root must not shadow installed packages)."""
+    return subprocess.run([sys.executable, "-m", "loraplex.clients.cli", "bench", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_unknown_scenario_and_bad_threads_are_refused(tmp_path):
-    done = bench("adapters_per_batch", "nope", "--out", str(tmp_path))
+    done = bench("adapters_per_batch", "nope", "--out", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2
     assert "unknown scenario 'nope'" in done.stderr and "many_adapters" in done.stderr
-    done = bench("--threads", "0", "--out", str(tmp_path))
+    done = bench("--threads", "0", "--out", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2 and "--threads must be at least 1" in done.stderr
     assert not any(tmp_path.iterdir())
 
@@ -42,7 +45,8 @@ def test_quick_suite_writes_sane_results(tmp_path):
     out = tmp_path / "suite"
     docs = tmp_path / "BENCHMARKS.md"
     docs.write_text("# head\n<!-- bench-suite:start -->\nold\n<!-- bench-suite:end -->\ntail\n")
-    done = bench("--quick", "--threads", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--docs", str(docs))
+    done = bench("--quick", "--threads", "1", "--out", str(out), "--work", str(tmp_path / "work"), "--docs", str(docs),
+                 cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = {}
     for name in SCENARIOS:
@@ -104,7 +108,7 @@ def test_scenario_one_runs_every_contender_on_an_nf4_base(tmp_path):
     the NF4 base, agreeing token for token; the machine record says so."""
     out = tmp_path / "nf4"
     done = bench("adapters_per_batch", "--quick", "--quantize", "nf4", "--device", "cpu", "--threads", "1",
-                 "--out", str(out), "--work", str(tmp_path / "work"))
+                 "--out", str(out), "--work", str(tmp_path / "work"), cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((out / "adapters_per_batch.json").read_text())
     assert "nf4 base" in result["title"]
