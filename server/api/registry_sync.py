@@ -11,18 +11,19 @@ interval plus its validation time. Requests resolve names in the registry itself
 
 A version that does not validate against this replica's base model is reported once (at start-up
 by `restore_adapters`, or at the poll that first sees it) and skipped until it is deleted, not
-retried on every poll. A registry that cannot be reached is logged and
+retried on every poll. One that validates but was trained on another base model is served, and
+said so in one log line at the same moment. A registry that cannot be reached is logged and
 retried on the next poll; the engine keeps serving what it has.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 
 from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.store import AdapterStore
 from loraplex.server.engine.adapter_errors import AdapterError
+from loraplex.server.engine.adapters import report_base_model
 
 from .server_state import ServerState
 
@@ -94,6 +95,7 @@ def _report_refused(ref: str, exc: Exception) -> str:
 
 
 def _register(engine, ref: str, path: str) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine.register_adapter(ref, path)
+    """Register `ref` with the engine, logging its base-model mismatch (once per version, however
+    often it is loaded later)."""
+    entry = engine.register_adapter(ref, path)
+    report_base_model(ref, path, entry.summary.get("warnings", []))

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import struct
-import warnings
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -65,7 +66,10 @@ __all__ = [
     "adapter_kind",
     "inspect_adapter",
     "load_adapter",
+    "report_base_model",
 ]
+
+log = logging.getLogger("loraplex.adapters")
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -400,7 +404,7 @@ def _validate(path: PathLike, base: BaseModelShape, max_rank: int, max_bytes: in
     else:
         _plan_soft_prompt(tensors, num_virtual_tokens, base, where)
         plan.num_virtual_tokens = num_virtual_tokens
-    plan.warnings = base_model_warnings(config, base.name_or_path, where)
+    plan.warnings = base_model_warnings(config, base.name_or_path)
     return plan
 
 
@@ -416,7 +420,7 @@ def inspect_adapter(
 
     Returns ``{"kind", "ranks" (lora), "max_rank" (lora), "num_virtual_tokens" (soft prompt),
     "nbytes", "warnings"}``; ``nbytes`` is the host memory :func:`load_adapter` would use at
-    ``dtype``. Warnings are only returned here, not emitted (``load_adapter`` emits them).
+    ``dtype``. Warnings are only returned here (``load_adapter`` logs them).
     """
     plan = _validate(path, base, max_rank, max_bytes)
     itemsize = _itemsize(dtype)
@@ -446,13 +450,12 @@ def load_adapter(
     """Validate (as :func:`inspect_adapter`), then read the tensors into host memory at ``dtype``.
 
     For LoRA, each B comes back multiplied by its module's PEFT scale. A base-model name mismatch
-    is emitted with :func:`warnings.warn`. The heavy work (reading, scaling) runs in pieces of
-    about `READ_SLICE_BYTES`, each inside `with pace():` (see `interleave`).
+    is logged once for ``name`` at ``path`` (:func:`report_base_model`). The heavy work (reading,
+    scaling) runs in pieces of about `READ_SLICE_BYTES`, each inside `with pace():` (see `interleave`).
     """
     _itemsize(dtype)
     plan = _validate(path, base, max_rank, max_bytes)
-    for message in plan.warnings:
-        warnings.warn(message, UserWarning, stacklevel=2)
+    report_base_model(name, plan.path, plan.warnings)
     where = f"adapter {plan.path}"
     tensors = _read_tensors(plan.weights, _needed_keys(plan), plan.tensors, where, pace)
     if plan.kind == "soft_prompt":
@@ -467,6 +470,25 @@ def load_adapter(
                 weights[module_key] = (a.to(dtype).contiguous(), _scaled(b, module.scale, dtype))
                 scales[module_key] = module.scale
     return LoraAdapter(name=name, path=plan.path, config=plan.config, weights=weights, scales=scales)
+
+
+_reported: set[tuple[str, str]] = set()  # (name, path) of each adapter whose notes were logged
+_reported_lock = threading.Lock()  # loads run on the reader thread, registrations on the engine's
+
+
+def report_base_model(name: str, path: PathLike, notes: list[str]) -> None:
+    """Log an adapter's base-model notes (``inspect_adapter``'s "warnings"), one line each, the
+    first time they are reported for adapter ``name`` at ``path`` in this process: one adapter
+    version is loaded again after every eviction, and the server both registers and loads it,
+    but an operator needs to read it once ("adapter sql@2 was trained on SmolLM2-360M; serving
+    SmolLM2-135M-Instruct")."""
+    key = (name, os.fspath(path))
+    with _reported_lock:
+        if not notes or key in _reported:
+            return
+        _reported.add(key)
+    for note in notes:
+        log.warning("adapter %s was %s", name, note)
 
 
 def _scaled(b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:

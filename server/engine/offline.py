@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
 from .cli_args import add_engine_args, engine_config, name_and_path
 
@@ -110,7 +109,7 @@ def main(argv: list[str]) -> int:
         print("error: no requests in the input", file=sys.stderr)
         return 2
 
-    from .adapters import AdapterError
+    from .adapters import AdapterError, report_base_model
     from .engine import Engine
 
     try:
@@ -123,11 +122,8 @@ def main(argv: list[str]) -> int:
     refused: dict[str, str] = {}
     for name, path in args.adapter + args.soft_prompt:
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                entry = engine.register_adapter(name, path)
-            for w in caught:
-                print(f"warning: adapter {name!r}: {w.message}", file=sys.stderr)
+            entry = engine.register_adapter(name, path)
+            report_base_model(name, path, entry.summary.get("warnings", []))
             if (name, path) in args.soft_prompt and entry.kind != "soft_prompt":
                 engine.unregister_adapter(name)
                 raise AdapterError(f"{path} is a {entry.kind} adapter, not a soft prompt")

@@ -33,6 +33,7 @@ __all__ = [
     "pattern_value",
     "lora_scale",
     "base_model_warnings",
+    "model_name",
 ]
 
 # The file names PEFT's save_pretrained writes.
@@ -314,23 +315,38 @@ def _check_unknown_keys(config: dict, known: frozenset[str], where: str) -> None
             )
 
 
-def base_model_warnings(config: dict, served_name: str, where: str) -> list[str]:
-    """A warning when the config's base_model_name_or_path names another model than ``served_name``.
-
-    Only the last path component is compared, case-insensitively; an empty name on either side
-    means there is nothing to compare and no warning.
+def base_model_warnings(config: dict, served_name: str) -> list[str]:
+    """``["trained on X; serving Y"]`` when the config's base_model_name_or_path names another
+    model than ``served_name``, both by :func:`model_name` and compared case-insensitively; an
+    empty name on either side means there is nothing to compare and no warning. (The shapes
+    fit, or validation would have refused the adapter.)
     """
-    theirs, ours = _model_basename(config.get("base_model_name_or_path")), _model_basename(served_name)
-    if not theirs or not ours or theirs == ours:
+    theirs, ours = model_name(config.get("base_model_name_or_path")), model_name(served_name)
+    if not theirs or not ours or theirs.casefold() == ours.casefold():
         return []
-    return [
-        f"{where}: adapter was trained on base model {config.get('base_model_name_or_path')!r}, "
-        f"but the server runs {served_name!r}; loading it anyway since the shapes fit"
-    ]
+    return [f"trained on {theirs}; serving {ours}"]
 
 
-def _model_basename(name: Any) -> str:
-    """The last path component of a model name or path, lower-cased; ``""`` for a non-string."""
-    if not isinstance(name, str):
+# A GGUF file name's quantization tag: SmolLM2-135M-Instruct.Q4_1.gguf, llama-7b-Q4_K_M.gguf, x.f16.gguf
+_GGUF_TAG = re.compile(r"[.-](?:I?Q\d\w*|BF16|F16|F32)$", re.IGNORECASE)
+# loader.convert_gguf's cache directory for a GGUF file: .../models/<file stem>-<bytes>-<mtime>
+_CONVERTED = re.compile(r"-\d+-\d+$")
+
+
+def model_name(name_or_path: Any) -> str:
+    """What people call the model ``name_or_path`` (a Hub id, a directory or a ``.gguf`` file)
+    holds: its last path component; for a GGUF file, and for loraplex's converted copy of one
+    (what an adapter trained on the default model records), the file's stem without its
+    quantization tag, so ``.../SmolLM2-135M-Instruct.Q4_1.gguf`` is ``SmolLM2-135M-Instruct``.
+    ``""`` for a non-string. (A GGUF file's own ``general.name`` is no better: the default
+    model's is "Smollm2 135M 8k Lc100K Mix1 Ep2".)
+    """
+    if not isinstance(name_or_path, str):
         return ""
-    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].strip().lower()
+    parent, _, name = name_or_path.replace("\\", "/").rstrip("/").rpartition("/")
+    name = name.strip()
+    if name.lower().endswith(".gguf"):
+        return _GGUF_TAG.sub("", name[: -len(".gguf")])
+    if parent.rpartition("/")[2] == "models" and _CONVERTED.search(name):
+        return _GGUF_TAG.sub("", _CONVERTED.sub("", name))
+    return name

