@@ -7,12 +7,15 @@ only read safetensors.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,14 +68,13 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     log.info("converting %s to safetensors in %s (once per file)", gguf.name, target)
-    hf_logging.disable_progress_bar()  # one log line instead of two progress bars
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _no_progress_bars():  # the log line above says it instead
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
@@ -81,7 +83,8 @@ def convert_gguf(gguf: Path) -> Path:
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         config.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+        with _no_progress_bars():
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
         os.replace(staging, target)
     except FileExistsError:  # another process converted it first
         pass
@@ -89,9 +92,27 @@ def convert_gguf(gguf: Path) -> Path:
         if not (target / "model.safetensors").is_file():
             raise
     finally:
-        hf_logging.enable_progress_bar()
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' bars while converting: its own ("Loading weights") through its switch,
+    and the GGUF reader's, a plain tqdm, by handing that module a disabled tqdm for the duration."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    plain = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    if plain is not None:
+        gguf_utils.tqdm = functools.partial(plain, disable=True)
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if plain is not None:
+            gguf_utils.tqdm = plain
 
 
 def load_config(path: Path):
