@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterable
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
@@ -50,7 +51,7 @@ sys.meta_path[:] = [Hiding(finder) for finder in sys.meta_path]
 """
 
 
-def run_cli(tmp_path: Path, args: list[str], hidden: list[str] = (), shims: dict[str, str] | None = None,
+def run_cli(tmp_path: Path, args: list[str], hidden: Iterable[str] = (), shims: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess:
     """The installed `loraplex ARGS` with `hidden` modules absent and `shims` (module -> source)
     importable, in `tmp_path` (so nothing of the checkout is on sys.path)."""
