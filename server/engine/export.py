@@ -46,7 +46,7 @@ def export_merged(model: str | None, adapter_dir: str, out: str, max_rank: int =
     source = loader.resolve_model(model)
     spec = spec_from_hf_config(loader.load_config(source), str(model or source))
     base = BaseModelShape(spec.num_layers, spec.hidden_size, spec.projection_shapes(), spec.name_or_path)
-    adapter = load_adapter(adapter_dir, "merge", base, max_rank, torch.float32)
+    adapter = load_adapter(adapter_dir, Path(adapter_dir).name, base, max_rank, torch.float32)
     if not isinstance(adapter, LoraAdapter):
         raise AdapterError(f"{adapter_dir} is a soft prompt: only LoRA adapters merge into weights")
     weights = loader.load_weights(source, torch.float32)
