@@ -2,19 +2,26 @@
 
 A blob directory appears by one rename of a finished, fsynced staging directory, so it is
 either absent or complete. Many adapter versions may share one blob; the store decides when
-one is unreferenced.
+one is unreferenced. Each version's manifest lives beside the blobs, in ``manifests/`` next to
+``blobs/`` (:mod:`.manifests`).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from .files import fsync_dir
+from .files import DIGEST, fsync_dir
+from .manifests import LocalManifests
 from .staging import StagingArea
 
-_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+def present_digests(root: Path) -> set[str]:
+    """The blob directories under ``root``, creating nothing (empty if ``root`` does not exist)."""
+    try:
+        return {name for name in os.listdir(root) if DIGEST.fullmatch(name)}
+    except FileNotFoundError:
+        return set()
 
 
 class BlobStore:
@@ -22,9 +29,10 @@ class BlobStore:
         self.root = root
         self._staging = staging
         root.mkdir(parents=True, exist_ok=True)
+        self.manifests = LocalManifests(root.parent / "manifests")
 
     def path(self, digest: str) -> Path:
-        if not _DIGEST.fullmatch(digest):
+        if not DIGEST.fullmatch(digest):
             raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return self.root / digest
 
@@ -51,4 +59,4 @@ class BlobStore:
 
     def digests(self) -> set[str]:
         """Every blob directory present."""
-        return {name for name in os.listdir(self.root) if _DIGEST.fullmatch(name)}
+        return present_digests(self.root)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from .names import validate_file_name
 # Formats that can run code when loaded; weights must be safetensors.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 MAX_FILES = 256
+DIGEST = re.compile(r"[0-9a-f]{64}")  # what :func:`digest_files` returns, and so every blob's name
 _CHUNK = 1 << 20
 
 

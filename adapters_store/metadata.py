@@ -1,4 +1,4 @@
-"""The interface between the store and a metadata backend (SQLite today, PostgreSQL later).
+"""The interface between the store and a metadata backend (SQLite, or PostgreSQL for a shared registry).
 
 The store never writes SQL; it opens a transaction and calls these methods. Rows travel as
 plain dicts whose keys are the column names below, with ``metadata``/``defaults`` as dicts
@@ -8,6 +8,7 @@ Adapter row: ``name, version, kind, digest, size_bytes, created_at, metadata``.
 Endpoint row: ``name, adapter_name, adapter_version, soft_prompt_name, soft_prompt_version,
 canary_name, canary_version, canary_weight, template, system_message, defaults,
 max_new_tokens_cap, created_at, updated_at``.
+Journal row (:mod:`.journal`): ``entry, op_id, op, name, version, digest, created_at``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ class MetadataTx(Protocol):
 
     def insert_adapter(self, row: Row) -> None: ...
 
+    def restore_adapter(self, row: Row) -> None:
+        """Insert a version re-created from its manifest, keeping its number."""
+
+    def raise_last_version(self, name: str, version: int) -> None:
+        """Make sure ``name``'s next version is above ``version``."""
+
+    def last_versions(self) -> dict[str, int]: ...
+
     def get_adapter(self, name: str, version: int | None) -> Row | None:
         """``version=None``: the latest version."""
 
@@ -34,8 +43,6 @@ class MetadataTx(Protocol):
         """``version=None``: every version of ``name``."""
 
     def digest_in_use(self, digest: str) -> bool: ...
-
-    def all_digests(self) -> set[str]: ...
 
     def endpoints_using(self, name: str, version: int | None) -> list[tuple[str, str]]:
         """``(endpoint, field)`` for every reference to ``name`` (at ``version`` if given)."""
@@ -49,6 +56,13 @@ class MetadataTx(Protocol):
     def list_endpoints(self) -> list[Row]: ...
 
     def delete_endpoint(self, name: str) -> None: ...
+
+    def insert_journal(self, entries: list[Row]) -> None: ...
+
+    def journal_entries(self, op_id: str | None = None) -> list[Row]:
+        """One operation's entries, or every entry."""
+
+    def delete_journal(self, op_ids: set[str]) -> None: ...
 
 
 class Metadata(Protocol):

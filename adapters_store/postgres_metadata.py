@@ -1,12 +1,15 @@
 """Registry metadata in PostgreSQL, so several replicas share one registry (`--store postgresql://...`).
 
-The statements are :mod:`.sql_tx`'s, the schema is the same as SQLite's. What is
-PostgreSQL-only is here:
+The statements are :mod:`.sql_tx`'s, the schema (:mod:`.migrations`) is the same as SQLite's.
+What is PostgreSQL-only is here:
 
 - writers of every replica are serialised by one transaction-scoped advisory lock (the
   counterpart of SQLite's ``BEGIN IMMEDIATE``), so version allocation, blob placement and the
   "is this digest still used?" check on delete stay atomic across machines;
 - reads run in a REPEATABLE READ snapshot;
+- opening inspects the database (with a :class:`~.guard.Guard`) and migrates it in one
+  transaction under that lock, so a refused open creates nothing and replicas starting together
+  migrate once;
 - a lost connection (a database restart, a network blip) is re-opened at the next
   transaction; while the database is unreachable the store raises ``StoreError("unavailable")``,
   which the server answers with UNAVAILABLE, and everything else keeps serving.
@@ -22,7 +25,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from .errors import StoreError
-from .sql_tx import SCHEMA_VERSION, SqlTx
+from .guard import Guard
+from .migrations import migrate as apply_migrations
+from .sql_tx import SqlTx
 
 # The advisory lock every writer takes: an arbitrary fixed 64-bit key ("loraplex" in ASCII).
 WRITE_LOCK_KEY = 0x6C6F7261706C6578
@@ -42,9 +47,15 @@ class PostgresTx(SqlTx):
     def _exec(self, sql: str, params: tuple = ()) -> Any:
         return self._conn.execute(sql.replace("?", "%s"), params)
 
+    def tables(self) -> set[str]:
+        cur = self._exec("SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()")
+        return {r[0] for r in cur}
+
 
 class PostgresMetadata:
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, guard: Guard | None = None, migrate: bool = True) -> None:
+        """``guard``: refuse a database without the registry while blobs exist (see :mod:`.guard`);
+        ``migrate=False`` reads the database as found (``loraplex store verify``)."""
         try:
             import psycopg
         except ImportError as exc:
@@ -55,12 +66,19 @@ class PostgresMetadata:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._closed = False
-        with self.write() as tx:
-            found = tx.ensure_schema()
-        if found != SCHEMA_VERSION:
+        try:
+            with self.write() if migrate else self.read() as tx:
+                if guard is not None:
+                    guard.check_registry(f"the registry database {self.where}", tx.inspect())
+                if migrate:
+                    apply_migrations(tx, f"the registry database {self.where}")
+        except psycopg.DatabaseError as exc:
             self.close()
-            raise StoreError("failed_precondition", f"store {self.where} has schema version {found}; this "
-                                                    f"loraplex reads version {SCHEMA_VERSION}")
+            raise StoreError("failed_precondition", f"the registry database {self.where} cannot be read: "
+                                                    f"{str(exc).strip()}") from None
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def where(self) -> str:

@@ -2,9 +2,9 @@
 with a local cache the engine loads from.
 
 Layout under the URL: ``<digest>/<files>`` plus ``<digest>/.complete``, written last, so a
-reader never takes a half-uploaded blob for a finished one. Locally, ``<cache>/<digest>/``
-holds a downloaded copy (placed by one rename, so it is absent or complete), and
-``<cache>/staging/`` the registrations in progress.
+reader never takes a half-uploaded blob for a finished one; ``manifests/`` holds each version's
+manifest (:mod:`.manifests`). Locally, ``<cache>/<digest>/`` holds a downloaded copy (placed by
+one rename, so it is absent or complete), and ``<cache>/staging/`` the registrations in progress.
 
 Credentials come from the usual environment (for S3: ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for S3-compatible servers), read by fsspec's
@@ -14,12 +14,12 @@ filesystem for the URL's protocol (``s3fs`` for ``s3://``, installed by ``lorapl
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from .files import DIGEST
+from .manifests import RemoteManifests
 from .staging import StagingArea
 
-_DIGEST = re.compile(r"[0-9a-f]{64}")
 COMPLETE = ".complete"
 
 
@@ -39,13 +39,14 @@ class RemoteBlobStore:
         cache.mkdir(parents=True, exist_ok=True)
         self._staging = StagingArea(cache / "staging")
         self._fs.makedirs(self._root, exist_ok=True)
+        self.manifests = RemoteManifests(self._fs, f"{self._root}/manifests")
 
     @property
     def staging(self) -> StagingArea:
         return self._staging
 
     def _remote(self, digest: str, name: str = "") -> str:
-        if not _DIGEST.fullmatch(digest):
+        if not DIGEST.fullmatch(digest):
             raise ValueError(f"not a sha256 hex digest: {digest!r}")
         return f"{self._root}/{digest}" + (f"/{name}" if name else "")
 
@@ -94,4 +95,4 @@ class RemoteBlobStore:
     def digests(self) -> set[str]:
         """Every blob under the URL, finished or not."""
         names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self._fs.ls(self._root, detail=False))
-        return {name for name in names if _DIGEST.fullmatch(name)}
+        return {name for name in names if DIGEST.fullmatch(name)}

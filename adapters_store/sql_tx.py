@@ -1,8 +1,10 @@
-"""Every SQL statement the store runs, shared by the SQLite and PostgreSQL backends.
+"""Every SQL query the store runs, shared by the SQLite and PostgreSQL backends (the schema
+itself is built by :mod:`.migrations`).
 
 The statements are plain parameterised SQL that both accept, written with ``?`` placeholders;
-a backend supplies :meth:`SqlTx._exec` (PostgreSQL's rewrites ``?`` to ``%s``). JSON columns
-(``metadata``, ``defaults``) are stored as text, so both backends share one schema.
+a backend supplies :meth:`SqlTx._exec` (PostgreSQL's rewrites ``?`` to ``%s``) and
+:meth:`SqlTx.tables` (each has its own catalogue). JSON columns (``metadata``, ``defaults``)
+are stored as text, so both backends share one schema.
 """
 
 from __future__ import annotations
@@ -10,52 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .errors import StoreError
+from .guard import RegistryState
 from .metadata import Row
 
-SCHEMA_VERSION = "1"
-
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS store_meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS adapter_names (
-        name TEXT PRIMARY KEY,
-        last_version BIGINT NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS adapters (
-        name TEXT NOT NULL REFERENCES adapter_names (name),
-        version BIGINT NOT NULL,
-        kind TEXT NOT NULL,
-        digest TEXT NOT NULL,
-        size_bytes BIGINT NOT NULL,
-        created_at DOUBLE PRECISION NOT NULL,
-        metadata TEXT NOT NULL,
-        PRIMARY KEY (name, version)
-    )""",
-    "CREATE INDEX IF NOT EXISTS adapters_by_digest ON adapters (digest)",
-    """CREATE TABLE IF NOT EXISTS endpoints (
-        name TEXT PRIMARY KEY,
-        adapter_name TEXT,
-        adapter_version BIGINT,
-        soft_prompt_name TEXT,
-        soft_prompt_version BIGINT,
-        canary_name TEXT,
-        canary_version BIGINT,
-        canary_weight DOUBLE PRECISION NOT NULL,
-        template TEXT NOT NULL,
-        system_message TEXT NOT NULL,
-        defaults TEXT NOT NULL,
-        max_new_tokens_cap BIGINT,
-        created_at DOUBLE PRECISION NOT NULL,
-        updated_at DOUBLE PRECISION NOT NULL,
-        FOREIGN KEY (adapter_name, adapter_version) REFERENCES adapters (name, version),
-        FOREIGN KEY (soft_prompt_name, soft_prompt_version) REFERENCES adapters (name, version),
-        FOREIGN KEY (canary_name, canary_version) REFERENCES adapters (name, version)
-    )""",
-)
-
 _ADAPTER_COLUMNS = "name, version, kind, digest, size_bytes, created_at, metadata"
+_JOURNAL_COLUMNS = "entry, op_id, op, name, version, digest, created_at"
+_JOURNAL_FIELDS = tuple(c.strip() for c in _JOURNAL_COLUMNS.split(","))
 _ENDPOINT_COLUMNS = (
     "name, adapter_name, adapter_version, soft_prompt_name, soft_prompt_version, canary_name, canary_version, "
     "canary_weight, template, system_message, defaults, max_new_tokens_cap, created_at, updated_at"
@@ -78,16 +41,41 @@ class SqlTx:
         """Run one statement; returns a cursor (``fetchone``/``fetchall``/iteration)."""
         raise NotImplementedError
 
-    def ensure_schema(self) -> str:
-        """Create missing tables; return the schema version the file was written with."""
-        for statement in SCHEMA:
-            self._exec(statement)
-        self._exec(
-            "INSERT INTO store_meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
-            (SCHEMA_VERSION,),
-        )
-        (found,) = self._exec("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
-        return str(found)
+    def tables(self) -> set[str]:
+        """The names of the tables in the database."""
+        raise NotImplementedError
+
+    def run(self, statement: str) -> None:
+        """Run one statement without parameters (a migration's)."""
+        self._exec(statement)
+
+    def get_meta(self, key: str) -> str | None:
+        found = self._exec("SELECT value FROM store_meta WHERE key = ?", (key,)).fetchone()
+        return None if found is None else str(found[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT INTO store_meta (key, value) VALUES (?, ?) "
+                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def schema_version(self) -> int:
+        """The number of the last migration applied; 0 for a database without the registry's tables."""
+        if "store_meta" not in self.tables():
+            return 0
+        found = self.get_meta("schema_version")
+        if found is None or not found.isdigit():
+            raise StoreError("failed_precondition", f"the registry's schema_version is {found!r}, not a migration "
+                                                    "number; restore the database from a backup")
+        return int(found)
+
+    def inspect(self) -> RegistryState:
+        """What the database holds, read before anything is created (see :mod:`.guard`)."""
+        tables = self.tables()
+        registrations = 0
+        if "adapter_names" in tables:
+            (registrations,) = self._exec("SELECT COUNT(*) FROM adapter_names").fetchone()
+        journaled = {r[0] for r in self._exec("SELECT digest FROM journal")} if "journal" in tables else set()
+        return RegistryState(has_tables="adapters" in tables, registrations=int(registrations),
+                             journaled=frozenset(journaled))
 
     def allocate_version(self, name: str) -> int:
         self._exec(
@@ -131,11 +119,25 @@ class SqlTx:
         else:
             self._exec("DELETE FROM adapters WHERE name = ? AND version = ?", (name, version))
 
+    def restore_adapter(self, row: Row) -> None:
+        """Insert a version re-created from its manifest (see :mod:`.rebuild`), keeping its number."""
+        self.raise_last_version(row["name"], row["version"])
+        self.insert_adapter(row)
+
+    def raise_last_version(self, name: str, version: int) -> None:
+        """Make sure ``name``'s next version is above ``version``."""
+        self._exec(
+            "INSERT INTO adapter_names (name, last_version) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "last_version = CASE WHEN adapter_names.last_version < excluded.last_version "
+            "THEN excluded.last_version ELSE adapter_names.last_version END",
+            (name, version),
+        )
+
+    def last_versions(self) -> dict[str, int]:
+        return {name: int(v) for name, v in self._exec("SELECT name, last_version FROM adapter_names")}
+
     def digest_in_use(self, digest: str) -> bool:
         return self._exec("SELECT 1 FROM adapters WHERE digest = ? LIMIT 1", (digest,)).fetchone() is not None
-
-    def all_digests(self) -> set[str]:
-        return {r[0] for r in self._exec("SELECT DISTINCT digest FROM adapters")}
 
     def endpoints_using(self, name: str, version: int | None) -> list[tuple[str, str]]:
         cur = self._exec(
@@ -173,12 +175,36 @@ class SqlTx:
     def delete_endpoint(self, name: str) -> None:
         self._exec("DELETE FROM endpoints WHERE name = ?", (name,))
 
+    def insert_journal(self, entries: list[Row]) -> None:
+        for e in entries:
+            self._exec(f"INSERT INTO journal ({_JOURNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (e["entry"], e["op_id"], e["op"], e["name"], e["version"], e["digest"], e["created_at"]))
+
+    def journal_entries(self, op_id: str | None = None) -> list[Row]:
+        """Entries of one operation, or all of them (none in a database older than the journal)."""
+        if op_id is not None:
+            cur = self._exec(f"SELECT {_JOURNAL_COLUMNS} FROM journal WHERE op_id = ? ORDER BY entry", (op_id,))
+        elif "journal" in self.tables():
+            cur = self._exec(f"SELECT {_JOURNAL_COLUMNS} FROM journal ORDER BY created_at, entry")
+        else:
+            return []
+        return [_journal_row(r) for r in cur.fetchall()]
+
+    def delete_journal(self, op_ids: set[str]) -> None:
+        for op_id in sorted(op_ids):
+            self._exec("DELETE FROM journal WHERE op_id = ?", (op_id,))
 
 
 def _adapter_row(values: tuple[Any, ...]) -> Row:
     name, version, kind, digest, size_bytes, created_at, metadata = values
     return {"name": name, "version": int(version), "kind": kind, "digest": digest, "size_bytes": int(size_bytes),
             "created_at": float(created_at), "metadata": json.loads(metadata)}
+
+
+def _journal_row(values: tuple[Any, ...]) -> Row:
+    row = dict(zip(_JOURNAL_FIELDS, values))
+    row["version"], row["created_at"] = int(row["version"]), float(row["created_at"])
+    return row
 
 
 def _endpoint_row(values: tuple[Any, ...]) -> Row:

@@ -1,6 +1,12 @@
 """Registry metadata in one SQLite file (the default store). The statements live in
-:mod:`.sql_tx`; what is SQLite-only is here: :func:`_connect` (WAL, ``foreign_keys``) and
-``BEGIN IMMEDIATE``.
+:mod:`.sql_tx` and the schema in :mod:`.migrations`; what is SQLite-only is here: the checks of
+the file before SQLite opens it (:func:`probe_file`), WAL and ``foreign_keys``, the catalogue
+query, and ``BEGIN IMMEDIATE``.
+
+Opening, in order: the file is probed (missing, empty, not a database); with a
+:class:`~.guard.Guard` the registry is inspected inside ``BEGIN IMMEDIATE`` before SQLite's
+settings are written (switching a file to WAL changes it); then migrations run. A refusal at
+any of these steps leaves the file as it was.
 
 Thread safety: one connection shared by all threads and guarded by one lock, held for each
 whole transaction. Statements are short (no I/O on adapter files happens inside except one
@@ -14,10 +20,15 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError
-from .sql_tx import SCHEMA_VERSION, SqlTx
+from .guard import Guard
+from .migrations import migrate as apply_migrations
+from .sql_tx import SqlTx
+
+_HEADER = b"SQLite format 3\x00"
 
 
 class SqliteTx(SqlTx):
@@ -29,19 +40,65 @@ class SqliteTx(SqlTx):
     def _exec(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
         return self._conn.execute(sql, params)
 
+    def tables(self) -> set[str]:
+        return {r[0] for r in self._exec("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    text: str  # completes "registry.sqlite3 ..."
+    unreadable: bool  # True: never open it; False: missing or empty, a fresh registry may be created
+
+
+def probe_file(path: Path) -> FileProblem | None:
+    """Why ``path`` does not hold a SQLite database, without creating or changing anything."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_HEADER))
+    except FileNotFoundError:
+        return FileProblem("is missing", unreadable=False)
+    except OSError as exc:
+        return FileProblem(f"cannot be read ({exc.strerror})", unreadable=True)
+    if not head:
+        return FileProblem("is empty (0 bytes)", unreadable=False)
+    if head != _HEADER:
+        return FileProblem("is not a SQLite database", unreadable=True)
+    return None
+
 
 class SqliteMetadata:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, guard: Guard | None = None, migrate: bool = True) -> None:
+        """``guard``: refuse a file that does not hold the registry while blobs exist (see
+        :mod:`.guard`). ``migrate=False`` reads the file as found (``loraplex store verify``)
+        and never creates it."""
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = _connect(path)
-        with self.write() as tx:
-            found = tx.ensure_schema()
-        if found != SCHEMA_VERSION:
+        self._conn: sqlite3.Connection | None = None
+        self.where = f"registry database {path}"
+        problem = probe_file(path)
+        if problem is not None and guard is not None:
+            guard.check_file(path.name, problem.text, problem.unreadable)
+        elif problem is not None and (problem.unreadable or not migrate):
+            raise StoreError("failed_precondition", f"{self.where} {problem.text}")
+        try:
+            self._open(path, guard, migrate)
+        except sqlite3.DatabaseError as exc:
             self.close()
-            raise StoreError(
-                "failed_precondition",
-                f"store {path} has schema version {found}; this loraplex reads version {SCHEMA_VERSION}",
-            )
+            if guard is not None:
+                guard.check_file(path.name, f"cannot be read ({exc})", unreadable=True)
+            raise StoreError("failed_precondition", f"{self.where} cannot be read ({exc})") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, path: Path, guard: Guard | None, migrate: bool) -> None:
+        self._conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        if guard is not None:
+            with self.write() as tx:
+                guard.check_registry(path.name, tx.inspect())
+        _configure(self._conn, path)
+        if migrate:
+            with self.write() as tx:
+                apply_migrations(tx, self.where)
 
     @contextmanager
     def write(self) -> Iterator[SqliteTx]:
@@ -75,15 +132,9 @@ class SqliteMetadata:
                 self._conn = None
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
-    try:
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError("failed_precondition", f"cannot put {path} in WAL mode (got {mode!r})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-    except BaseException:
-        conn.close()
-        raise
-    return conn
+def _configure(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StoreError("failed_precondition", f"cannot put {path} in WAL mode (got {mode!r})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")

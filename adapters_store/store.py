@@ -2,19 +2,23 @@
 
 Layout of a store directory::
 
-    registry.sqlite3      metadata (adapter versions, endpoints)
+    registry.sqlite3      metadata (adapter versions, endpoints, the journal), see :mod:`.migrations`
     blobs/<sha256>/       one directory per distinct adapter content, shared by versions
+    manifests/<sha256>/   one manifest per version using that blob (see :mod:`.manifests`)
     staging/              registrations (and blob removals) in progress
     store.lock            who has the store open (see :mod:`.lock`)
 
-Publishing is crash-safe by ordering: the adapter is written and checked in ``staging/``,
-renamed into ``blobs/`` (atomic, same filesystem), and only then becomes visible through one
-committed row. A crash before the commit leaves at most a staging leftover or a blob no row
-names; both are removed the next time the store is opened by a sole user.
+Publishing is crash-safe by ordering: the adapter is written and checked in ``staging/``, the
+intent is journaled, the directory is renamed into ``blobs/`` (atomic, same filesystem), and
+only then does it become visible through one committed row; its manifest follows. A crash
+leaves at most a staging leftover, removed the next time the store is opened by a sole user, or
+a blob that a journal entry names, removed by the next open if no row took it (:mod:`.journal`).
+Nothing else is ever removed at open: a database that is missing, empty or unreadable while
+blobs exist makes the open fail instead (:mod:`.guard`).
 
 Blob placement and row insertion share one metadata write transaction, as do the "is this
-digest still used?" check and the blob removal on delete, so a delete can never remove a blob
-that a concurrent publish of identical content has just decided to reuse.
+digest still used?" check and the blob removal when a delete is settled, so a delete can never
+remove a blob that a concurrent publish of identical content has just decided to reuse.
 
 Thread safety: one store object may be used from many threads. Validation, hashing and
 copying run unlocked and in parallel; metadata transactions are serialised (see
@@ -26,26 +30,30 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .blobs import BlobStore
+from .blobs import BlobStore, present_digests
 from .endpoints import check_endpoint
 from .errors import StoreError
 from .files import copy_files, digest_files, scan_flat_dir, seal
+from .guard import Guard
+from .journal import delete_entries, new_op, publish_entry, settle, stale
 from .lock import StoreLock
+from .manifests import record_missing
 from .metadata import Metadata, MetadataTx, Row
 from .names import format_ref, parse_ref, validate_name
 from .postgres_metadata import PostgresMetadata, is_postgres_url
 from .records import KINDS, AdapterRecord, EndpointRecord
 from .remote_blobs import RemoteBlobStore
-from .sqlite_metadata import SqliteMetadata
+from .sqlite_metadata import SqliteMetadata, probe_file
 from .staging import StagingArea
 
 log = logging.getLogger(__name__)
@@ -70,53 +78,76 @@ class AdapterStore:
     directory or a bucket (``blobs``). Every method is safe to call from several threads."""
 
     def __init__(self, root: str | Path, *, max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-                 blobs: str | Path | None = None, cache: Path | None = None) -> None:
+                 blobs: str | Path | None = None, cache: Path | None = None, guard: bool = True) -> None:
+        """``guard=False`` opens a store whose database is missing or empty although blobs exist
+        (``loraplex store rebuild`` does, to re-create it); anything else refuses such a store."""
         self.max_adapter_bytes = max_adapter_bytes
         self._lock: StoreLock | None = None
+        self._guarded = guard
+        self.exclusive = False  # whether this open was the store's sole user (and so cleared staging)
         if is_postgres_url(str(root)):
-            self._open_shared(str(root), blobs, cache)
+            self._open_shared(str(root), blobs, cache, guard)
             return
         if blobs is not None:
             raise ValueError("--blobs goes with --store postgresql://...; a store directory keeps its blobs inside")
         self.root = Path(root)
         self.where = str(self.root)
+        check = self._directory_guard() if guard else None
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = StoreLock(self.root / "store.lock")
         try:
-            exclusive = self._lock.try_exclusive()
+            self.exclusive = self._lock.try_exclusive()
             self._staging = StagingArea(self.root / "staging")
             self._blobs: BlobStore | RemoteBlobStore = BlobStore(self.root / "blobs", self._staging)
-            self._db: Metadata = SqliteMetadata(self.root / "registry.sqlite3")
+            self._db: Metadata = SqliteMetadata(self.root / "registry.sqlite3", check)
         except BaseException:
             self._lock.release()
             raise
         try:
-            if exclusive:
-                self._recover(clear_staging=True)
+            if self.exclusive:
+                self._recover(sole_user=True)
             self._lock.share()
         except BaseException:
             self.close()
             raise
 
-    def _open_shared(self, dsn: str, blobs: str | Path | None, cache: Path | None) -> None:
+    def _directory_guard(self) -> Guard:
+        """The guard of a store directory, after checking its database file: a refusal here
+        comes before anything is created (see :mod:`.guard`)."""
+        check = Guard(store=f"adapter store {self.root}", blobs_where=str(self.root / "blobs"),
+                      present=frozenset(present_digests(self.root / "blobs")),
+                      rebuild=f"loraplex store rebuild --store {shlex.quote(str(self.root))}")
+        database = self.root / "registry.sqlite3"
+        problem = probe_file(database)
+        if problem is not None:
+            check.check_file(database.name, problem.text, problem.unreadable)
+        return check
+
+    def _open_shared(self, dsn: str, blobs: str | Path | None, cache: Path | None, guard: bool) -> None:
         """Several replicas, one registry: PostgreSQL metadata; blobs in a shared directory (each
-        process stages in a directory of its own there) or behind a URL (cached in ``cache``)."""
+        process stages in a directory of its own there) or behind a URL (cached in ``cache``).
+        The blobs are listed and the database checked before anything is created (:mod:`.guard`)."""
         if blobs is None:
             raise ValueError("--store postgresql://... needs --blobs DIR (a directory every replica mounts) "
                              "or --blobs s3://bucket/prefix: where the adapter files live")
+        remote = None
         if "://" in str(blobs):
-            cache = Path(cache or Path.home() / ".cache/loraplex/blobs")
-            self._blobs = RemoteBlobStore(str(blobs), cache)
-            self._staging = self._blobs.staging
+            remote = RemoteBlobStore(str(blobs), Path(cache or Path.home() / ".cache/loraplex/blobs"))
+        shared = Path(blobs)
+        check = Guard(store="adapter store", blobs_where=str(blobs) if remote else str(shared / "blobs"),
+                      present=frozenset(remote.digests() if remote else present_digests(shared / "blobs")),
+                      rebuild="loraplex store rebuild --store <the same postgresql:// URL> "
+                              f"--blobs {shlex.quote(str(blobs))}")
+        self._db = PostgresMetadata(dsn, check if guard else None)
+        if remote is not None:
+            self._blobs, self._staging = remote, remote.staging
         else:
-            shared = Path(blobs)
             self._staging = StagingArea(shared / "staging" / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             self._blobs = BlobStore(shared / "blobs", self._staging)
-        self._db = PostgresMetadata(dsn)
         self.root = None
         self.where = f"{self._db.where} (blobs in {blobs})"
         try:
-            self._recover(clear_staging=False)  # other replicas may be mid-registration
+            self._recover(sole_user=False)  # other replicas may be mid-registration
         except BaseException:
             self.close()
             raise
@@ -137,25 +168,57 @@ class AdapterStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _recover(self, clear_staging: bool) -> None:
-        """Undo what a crash mid-registration or mid-delete may have left behind: staging leftovers
-        (only when nobody else can be mid-registration) and blobs no row names. Orphans are removed
-        under the write lock, which every publish holds from placing its blob to committing its
-        row, so no publish in flight, on any replica, can lose its blob."""
-        leftovers = self._staging.clear() if clear_staging else []
+    def _recover(self, sole_user: bool) -> None:
+        """Settle what interrupted operations left (:mod:`.journal`): staging leftovers (only when
+        nobody else can be mid-registration), blobs a journal entry names that no row took, and
+        manifests not yet written. Blobs that nothing licenses removing are kept and reported."""
+        leftovers = self._staging.clear() if sole_user else []
         with self._db.write() as tx:
-            referenced = tx.all_digests()
-            present = self._blobs.digests()
-            orphans = sorted(present - referenced)
-            for digest in orphans:
-                self._blobs.remove(digest)
-        missing = sorted(referenced - present)
-        if leftovers or orphans:
-            log.warning("adapter store %s: removed %d staging leftover(s) and %d orphan blob(s) after an "
-                        "interrupted operation", self.where, len(leftovers), len(orphans))
-        if missing:
+            entries = tx.journal_entries()
+            removed = settle(tx, entries, self._blobs)
+            tx.delete_journal(stale(entries, sole_user))
+            rows = tx.list_adapters()
+            written, unwritten = record_missing(self._blobs, rows)
+        if leftovers or removed:
+            log.warning("adapter store %s: removed %d staging leftover(s) and %d blob(s) that interrupted "
+                        "operations left", self.where, len(leftovers), len(removed))
+        if written:
+            log.info("adapter store %s: wrote %d missing version manifest(s)", self.where, written)
+        if unwritten:
+            log.error("adapter store %s: could not write the manifest of %s; the next open tries again",
+                      self.where, "; ".join(unwritten))
+        self._report_blobs({row["digest"] for row in rows})
+
+    def _report_blobs(self, referenced: set[str]) -> None:
+        """Log blobs no version uses (kept: nothing licenses removing them) and versions whose blob is gone."""
+        present = self._blobs.digests()
+        if present - referenced and self._guarded:  # rebuild (unguarded) reports them itself
+            log.warning("adapter store %s: kept %d blob(s) that no registered version uses and no journal entry "
+                        "names; `loraplex store verify` lists them", self.where, len(present - referenced))
+        if referenced - present:
             log.error("adapter store %s: blob(s) %s are referenced but missing; those adapters cannot load",
-                      self.where, ", ".join(missing))
+                      self.where, ", ".join(sorted(referenced - present)))
+
+    def _settle(self, op_id: str) -> None:
+        """Finish or undo one operation under the writers' lock. If that fails (the database went
+        away), its journal entries stay for the next open to settle."""
+        try:
+            with self._db.write() as tx:
+                settle(tx, tx.journal_entries(op_id), self._blobs)
+                tx.delete_journal({op_id})
+        except (StoreError, OSError) as exc:
+            log.error("adapter store %s: could not settle operation %s now (%s); the next open will", self.where,
+                      op_id, exc)
+
+    @property
+    def metadata(self) -> Metadata:
+        """The metadata backend, for the maintenance commands (:mod:`.rebuild`)."""
+        return self._db
+
+    @property
+    def blobs(self) -> BlobStore | RemoteBlobStore:
+        """The blob store, for the maintenance commands (:mod:`.rebuild`)."""
+        return self._blobs
 
     def local_dir(self, record: AdapterRecord) -> Path:
         """The record's files on this machine (downloaded once from a bucket if need be)."""
@@ -185,17 +248,17 @@ class AdapterStore:
         metadata = _checked_metadata(validate(staged))
         digest, size = digest_files(staged, files, self.max_adapter_bytes, where)
         seal(staged, files)
-        placed = False
+        op_id = new_op()
+        with self._db.write() as tx:
+            tx.insert_journal(publish_entry(op_id, name, digest))
         try:
             with self._db.write() as tx:
-                placed = self._blobs.place(staged, digest)
+                self._blobs.place(staged, digest)
                 row = {"name": name, "version": tx.allocate_version(name), "kind": metadata["kind"],
                        "digest": digest, "size_bytes": size, "created_at": time.time(), "metadata": metadata}
                 tx.insert_adapter(row)
-        except BaseException:
-            if placed:
-                self._remove_unreferenced([digest])
-            raise
+        finally:
+            self._settle(op_id)
         return self._adapter(row)
 
     def publish_dir(self, name: str, source: Path, validate: Validate) -> AdapterRecord:
@@ -234,6 +297,7 @@ class AdapterStore:
     def delete(self, ref: str) -> AdapterList:
         """Delete ``"name"`` (every version) or ``"name@v"``; refused while an endpoint uses it."""
         name, version = parse_ref(ref)
+        op_id = new_op()
         with self._db.write() as tx:
             rows = [self._find(tx, name, version)] if version is not None else tx.list_adapters(name)
             if not rows:
@@ -246,7 +310,8 @@ class AdapterStore:
                     f"adapter {ref!r} is used by endpoint(s) {named}; update or delete those endpoints first",
                 )
             tx.delete_adapters(name, version)
-        self._remove_unreferenced({row["digest"] for row in rows})
+            tx.insert_journal(delete_entries(op_id, rows))
+        self._settle(op_id)
         return [self._adapter(row) for row in rows]
 
     def _find(self, tx: MetadataTx, name: str, version: int | None) -> Row:
@@ -258,13 +323,6 @@ class AdapterStore:
         others = [r["version"] for r in tx.list_adapters(name)]
         have = f"its versions are {', '.join(map(str, others))}" if others else "no version of it exists"
         raise StoreError("not_found", f"adapter {format_ref(name, version)!r} not found ({have})")
-
-    def _remove_unreferenced(self, digests: Iterable[str]) -> None:
-        """Remove each blob no row names any more, under the write lock so no publish can reuse it meanwhile."""
-        with self._db.write() as tx:
-            for digest in sorted(digests):
-                if not tx.digest_in_use(digest):
-                    self._blobs.remove(digest)
 
     def _adapter(self, row: Row) -> AdapterRecord:
         return AdapterRecord(

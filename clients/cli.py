@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "complete": ("loraplex.clients.commands:complete_main", "Send one prompt to a loraplex server."),
     "adapters": ("loraplex.clients.commands:adapters_main", "Register, list, show and delete a server's adapters."),
     "endpoints": ("loraplex.clients.commands:endpoints_main", "Create, update, list and delete a server's endpoints."),
+    "store": ("loraplex.adapters_store.store_cli", "Verify, rebuild from its blobs, or back up an adapter store."),
     "bench": ("loraplex.bench.suite", "Run the benchmark suite against the peers (JSON, markdown, plots)."),
 }
 

@@ -100,12 +100,17 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     from .registry_sync import RegistrySync, restore_adapters
     from .server_state import ServerState
 
-    try:
-        engine_thread = EngineThread()
-        engine = await engine_thread.run(Engine, engine_config(args))
+    try:  # the store first: one that must not be opened (see adapters_store/guard.py) refuses in seconds
         store = AdapterStore(args.store, max_adapter_bytes=args.max_adapter_bytes, blobs=args.blobs,
                              cache=Path(args.blob_cache))
     except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        engine_thread = EngineThread()
+        engine = await engine_thread.run(Engine, engine_config(args))
+    except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
+        store.close()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     refused = await engine_thread.run(restore_adapters, engine, store)

@@ -1,7 +1,11 @@
-"""Fixtures for the registry tests: the engine's real validator and a fresh store per test."""
+"""Fixtures for the registry tests: the engine's real validator, a fresh store per test, the
+`loraplex` command as a subprocess, snapshots of a directory tree, and extra PostgreSQL databases."""
 from __future__ import annotations
 
+import hashlib
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,3 +39,53 @@ def copy_adapter(tiny_adapters, tmp_path) -> Callable[[str], Path]:
         return Path(shutil.copytree(tiny_adapters[key], tmp_path / "src" / (dest or key)))
 
     return copy
+
+
+@pytest.fixture
+def loraplex_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """run(*args) -> the finished `loraplex ARGS...` process, a real one (stdout and stderr apart)."""
+    def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "loraplex.clients.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture
+def tree() -> Callable[..., dict[str, tuple]]:
+    """snapshot(*roots) -> every file and directory under the roots, with each file's size, mode,
+    modification time and sha256: equal snapshots mean nothing was created, changed or removed."""
+    def snapshot(*roots: Path) -> dict[str, tuple]:
+        found: dict[str, tuple] = {}
+        for root in roots:
+            for path in sorted(Path(root).rglob("*")):
+                st = path.lstat()
+                found[str(path)] = ("dir",) if path.is_dir() else (
+                    st.st_size, st.st_mode, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+        return found
+
+    return snapshot
+
+
+@pytest.fixture
+def new_database(postgres_server) -> Iterator[Callable[[], str]]:
+    """make() -> the URL of another fresh, empty database on the test server (dropped afterwards),
+    for a test that needs a second registry (an empty one, a mistyped one)."""
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"loraplex_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return urlunsplit(urlsplit(postgres_server)._replace(path=f"/{name}"))
+
+    yield make
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        for name in made:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

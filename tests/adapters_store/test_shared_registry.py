@@ -90,19 +90,35 @@ def test_identical_content_shares_one_blob_until_the_last_version_goes(replicas,
     assert a.digest not in first._blobs.digests()
 
 
-def test_an_orphan_blob_is_removed_when_a_replica_opens(postgres_dsn, tmp_path, tiny_adapters, validate):
-    """A replica that died between placing a blob and committing its row leaves a blob no row
-    names; the next replica to open removes it, and keeps the referenced ones."""
+def test_an_empty_or_unused_registry_beside_shared_blobs_refuses_and_touches_nothing(
+        postgres_dsn, new_database, tmp_path, tiny_adapters, validate, tree):
+    """A replica started against an empty or mistyped database must not take the shared blobs for
+    orphans (it used to delete them all): it refuses, and neither the blobs nor that database
+    change. (A replica refused at start-up: tests/adapters_store/test_durability.py.)"""
+    import psycopg
+
     shared = tmp_path / "shared"
     with AdapterStore(postgres_dsn, blobs=str(shared)) as store:
-        kept = store.publish_dir("kept", tiny_adapters["attn4"], validate)
-    orphan = shared / "blobs" / ("0" * 64)
-    orphan.mkdir()
-    (orphan / "adapter_config.json").write_text("{}")
+        store.publish_dir("a", tiny_adapters["mlp8"], validate)
+        store.publish_dir("b", tiny_adapters["attn4"], validate)
+    empty, unused = new_database(), new_database()
+    AdapterStore(unused, blobs=str(tmp_path / "other-blobs")).close()  # a registry, but not this one's
+    before = tree(shared)
+    for database, problem in ((empty, "holds no registry tables"),
+                              (unused, "has never registered an adapter")):
+        with pytest.raises(StoreError) as info:
+            AdapterStore(database, blobs=str(shared))
+        assert info.value.code == "failed_precondition"
+        message = info.value.message
+        assert problem in message and f"{shared / 'blobs'} holds 2 adapter blob(s)" in message, message
+        assert "nothing was changed" in message and "loraplex store rebuild" in message, message
+        assert "loraplex_ci:" not in message  # never the password
+        assert tree(shared) == before
+    with psycopg.connect(empty) as conn:
+        assert conn.execute("SELECT count(*) FROM information_schema.tables "
+                            "WHERE table_schema = current_schema()").fetchone() == (0,)
     with AdapterStore(postgres_dsn, blobs=str(shared)) as store:
-        assert not orphan.exists()
-        assert store.local_dir(store.get("kept")).is_dir()
-        assert kept.digest in os.listdir(shared / "blobs")
+        assert [r.ref for r in store.list()] == ["a@1", "b@1"]
 
 
 def test_bucket_blobs_are_complete_before_they_count(replicas, tiny_adapters, validate, tmp_path):
