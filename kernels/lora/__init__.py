@@ -13,17 +13,18 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from types import ModuleType
+from typing import cast
 
 import torch
 
+from .contract import LoraOps
 from .lora_groups import TokenGroups
 
 _PATHS = {"torch": "lora_torch", "reference": "lora_reference", "triton": "lora_triton"}
 
 
-def get_lora_ops(name: str = "auto", device: torch.device | str = "cpu") -> ModuleType:
-    """The module providing `lora_shrink` and `lora_expand` for this choice and device."""
+def get_lora_ops(name: str = "auto", device: torch.device | str = "cpu") -> LoraOps:
+    """The module implementing the `LoraOps` contract for this choice and device."""
     device = torch.device(device)
     if name == "auto":
         name = "triton" if device.type == "cuda" and _triton_available() else "torch"
@@ -32,7 +33,7 @@ def get_lora_ops(name: str = "auto", device: torch.device | str = "cpu") -> Modu
     if name == "triton" and device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton on CPU: its interpreter (read at import)
     try:
-        return importlib.import_module(f"{__name__}.{_PATHS[name]}")
+        return cast(LoraOps, importlib.import_module(f"{__name__}.{_PATHS[name]}"))
     except ImportError as exc:
         raise ValueError(f"--kernels {name} is not available here: {exc}") from exc
 
@@ -42,4 +43,4 @@ def _triton_available() -> bool:
     return has_kernel and importlib.util.find_spec("triton") is not None
 
 
-__all__ = ["TokenGroups", "get_lora_ops"]
+__all__ = ["LoraOps", "TokenGroups", "get_lora_ops"]

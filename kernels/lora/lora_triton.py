@@ -7,216 +7,24 @@ ONE launch each: every slice of a fused projection (q/k/v, gate/up) and every ra
 each, so a layer costs one shrink and one expand launch whatever its adapters' ranks.
 `lora_shrink`/`lora_expand` are the one-problem case.
 
-The grid is (block of a segment's rows, block of rank or output columns, segment of any
-problem). A program reads its segment's problem, length, pool entry and first served row,
-then its problem's row of a small int64 table (pool and xa addresses, rank, width, column
-offset, strides), and returns at once when its block lies beyond the segment's rows, the
-problem's own rank or the slice's own width: zero-length segments, one-row decode segments
-and low-rank problems cost (almost) nothing. Batch rows are read through a served-row ->
-batch-row index, so tokens without an adapter are never touched.
-
-- shrink: each program computes a [BLOCK_M, 16] tile of xa (the rank tiled by 16, the
-  smallest `tl.dot` tile), looping over `in` in chunks of SHRINK_BLOCK_K;
-- expand: each program computes a [BLOCK_M, EXPAND_BLOCK_N] tile of the update, looping over
-  the adapter's own rank in chunks of 16 (a rank-4 adapter pays for 16, never for a larger
-  class), then adds it into y at its slice's columns through y's strides;
-- merge: out = weight + scale * (b @ a) in tiles of [MERGE_BLOCK_M, MERGE_BLOCK_N].
-
-Everything accumulates in float32, and `tl.dot(..., input_precision="ieee")` keeps float32
-inputs in float32 on the GPU (not silently TF32). The kernels call only Triton builtins
-(`tl.full`, not the `@jit` helper `tl.zeros`): a helper is interpreted only when Triton was
-first imported with TRITON_INTERPRET=1, and a library may import Triton before we can set it.
-
-On a CPU device Triton runs in its interpreter: `TRITON_INTERPRET=1` must be set before this
-module is imported (`get_lora_ops("triton", "cpu")` does it); it serves float32/float16 only
-and is slow, which is for tests, never for serving.
-
-Host work per call: the first call with a given tuple of `TokenGroups` reads every problem's
-longest segment (for the grid), largest pool entry and batch row (checked against the tensors,
-so a bad index raises instead of reading out of bounds) in one transfer, memoised for that
-tuple: a step's groups are shared by every layer, so this happens once per step and layer
-kind, not per layer. The per-problem table is cached by content (pool addresses do not move
-between steps), so it is copied to the device once per layer and batch composition.
+The kernels and their grid are in `triton_kernels`; the per-step launch metadata (segments,
+bounds, the per-problem table) in `triton_launch`. This module checks the operands, builds each
+launch's problem table and launches.
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
 import triton
-import triton.language as tl
 
 from .lora_groups import TokenGroups
-
-# Block sizes: fixed (tests rely on them; no autotuning). tl.dot needs every tile side >= 16.
-SHRINK_BLOCK_M = 16  # served rows per program
-SHRINK_BLOCK_R = 16  # rank columns of xa per program (the rank is tiled, never padded to a class)
-SHRINK_BLOCK_K = 64  # chunk of in_features per loop step
-EXPAND_BLOCK_M = 16  # served rows per program
-EXPAND_BLOCK_N = 64  # output columns per program
-EXPAND_BLOCK_R = 16  # chunk of the adapter's rank per loop step
-MERGE_BLOCK_M = 32  # weight rows per program
-MERGE_BLOCK_N = 64  # weight columns per program
-MERGE_BLOCK_R = 16  # chunk of the rank per loop step
-SHRINK_TABLE = 8  # int64 words per problem in the shrink kernel's table (7 used)
-EXPAND_TABLE = 12  # int64 words per problem in the expand kernel's table (11 used)
+from .triton_kernels import (EXPAND_BLOCK_M, EXPAND_BLOCK_N, EXPAND_BLOCK_R, EXPAND_TABLE, INTERPRETED,
+                             MERGE_BLOCK_M, MERGE_BLOCK_N, MERGE_BLOCK_R, SHRINK_BLOCK_K, SHRINK_BLOCK_M,
+                             SHRINK_BLOCK_R, SHRINK_TABLE, expand_kernel, merge_kernel, shrink_kernel)
+from .triton_launch import LaunchMeta, launch_meta, problem_table
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-# kernels ----------------------------------------------------------------------------------
-
-
-@triton.jit
-def _shrink_kernel(
-    x_ptr,  # x [T, in]
-    table_ptr,  # [P, SHRINK_TABLE] int64 per problem: A pool address, xa address, rank, first served row
-    #             in rows_ptr, strides of the A pool (entry, rank, in)
-    rows_ptr,  # [sum n_p] int64: batch row of each served row, problem after problem
-    seg_problem_ptr, seg_lens_ptr, seg_starts_ptr, seg_slots_ptr,  # [G] int64: problem, rows,
-    #                                                 first served row within the problem, pool entry
-    K,  # in_features
-    stride_xt, stride_xk,
-    TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)  # block of the segment's rows
-    pid_r = tl.program_id(1)  # block of rank columns
-    seg = tl.program_id(2)
-    seg_len = tl.load(seg_lens_ptr + seg)
-    if pid_m * BLOCK_M >= seg_len:  # beyond this segment (zero-length, short decode segment)
-        return
-    entry = table_ptr + tl.load(seg_problem_ptr + seg) * TABLE
-    R = tl.load(entry + 2)
-    if pid_r * BLOCK_R >= R:  # beyond this problem's own rank
-        return
-    a_ptr = tl.load(entry + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    xa_ptr = tl.load(entry + 1).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    row_base = tl.load(entry + 3)
-    stride_as = tl.load(entry + 4)
-    stride_ar = tl.load(entry + 5)
-    stride_ak = tl.load(entry + 6)
-    seg_start = tl.load(seg_starts_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] row within the segment
-    mask_m = offs_m < seg_len
-    served = seg_start + offs_m  # [BM] row of this problem's xa
-    batch_rows = tl.load(rows_ptr + row_base + served, mask=mask_m, other=0)  # [BM] row of x
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    mask_r = offs_r < R
-
-    x_rows = x_ptr + batch_rows[:, None] * stride_xt  # [BM, 1]
-    a_cols = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar  # [1, BR]
-    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for k in range(0, K, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)  # [BK]
-        mask_k = offs_k < K
-        x_tile = tl.load(x_rows + offs_k[None, :] * stride_xk,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-        a_tile = tl.load(a_cols + offs_k[:, None] * stride_ak,
-                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # [BK, BR] = A[e]^T chunk
-        acc = tl.dot(x_tile, a_tile, acc, input_precision="ieee")
-
-    out = xa_ptr + served[:, None] * R + offs_r[None, :]  # xa [n_p, R], contiguous
-    tl.store(out, acc.to(x_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-
-
-@triton.jit
-def _expand_kernel(
-    y_ptr,  # y [T, out_total] (any strides)
-    table_ptr,  # [P, EXPAND_TABLE] int64 per problem: xa address, B pool address, rank, out, first
-    #             column in y, first served row in rows_ptr, strides of xa (row, rank) and of the
-    #             B pool (entry, out, rank)
-    rows_ptr,  # [sum n_p] int64: batch row of each served row, problem after problem
-    seg_problem_ptr, seg_lens_ptr, seg_starts_ptr, seg_slots_ptr,  # [G] int64, as for shrink
-    stride_yt, stride_yn,
-    TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_m = tl.program_id(0)  # block of the segment's rows
-    pid_n = tl.program_id(1)  # block of output columns
-    seg = tl.program_id(2)
-    seg_len = tl.load(seg_lens_ptr + seg)
-    if pid_m * BLOCK_M >= seg_len:
-        return
-    entry = table_ptr + tl.load(seg_problem_ptr + seg) * TABLE
-    N = tl.load(entry + 3)
-    if pid_n * BLOCK_N >= N:  # beyond this slice's own width
-        return
-    xa_ptr = tl.load(entry + 0).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    b_ptr = tl.load(entry + 1).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    R = tl.load(entry + 2)
-    col = tl.load(entry + 4)
-    row_base = tl.load(entry + 5)
-    stride_xn = tl.load(entry + 6)
-    stride_xr = tl.load(entry + 7)
-    stride_bs = tl.load(entry + 8)
-    stride_bn = tl.load(entry + 9)
-    stride_br = tl.load(entry + 10)
-    seg_start = tl.load(seg_starts_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    mask_m = offs_m < seg_len
-    served = seg_start + offs_m  # [BM] row of this problem's xa
-    batch_rows = tl.load(rows_ptr + row_base + served, mask=mask_m, other=0)  # [BM] row of y
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] column within the slice
-    mask_n = offs_n < N
-
-    xa_rows = xa_ptr + served[:, None] * stride_xn  # [BM, 1]
-    b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn  # [1, BN]
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k in range(0, R, BLOCK_R):  # the adapter's own rank, 16 at a time
-        offs_k = k + tl.arange(0, BLOCK_R)  # [BR]
-        mask_k = offs_k < R
-        xa_tile = tl.load(xa_rows + offs_k[None, :] * stride_xr,
-                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BR]
-        b_tile = tl.load(b_cols + offs_k[:, None] * stride_br,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BR, BN] = B[e]^T chunk
-        acc = tl.dot(xa_tile, b_tile, acc, input_precision="ieee")
-
-    y_tile_ptr = y_ptr + batch_rows[:, None] * stride_yt + (col + offs_n)[None, :] * stride_yn  # [BM, BN]
-    mask = mask_m[:, None] & mask_n[None, :]
-    y_tile = tl.load(y_tile_ptr, mask=mask, other=0.0)
-    tl.store(y_tile_ptr, (y_tile.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _merge_kernel(
-    w_ptr, a_ptr, b_ptr, out_ptr,  # weight [o, in], a [r, in], b [o, r], out [o, in]
-    M, N, R, scale,  # o, in, r, the LoRA scale
-    stride_wm, stride_wn,
-    stride_ar, stride_an,
-    stride_bm, stride_br,
-    stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k in range(0, R, BLOCK_R):
-        offs_k = k + tl.arange(0, BLOCK_R)  # [BR]
-        mask_k = offs_k < R
-        b_tile = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_k[None, :] * stride_br,
-                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BR]
-        a_tile = tl.load(a_ptr + offs_k[:, None] * stride_ar + offs_n[None, :] * stride_an,
-                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [BR, BN]
-        acc = tl.dot(b_tile, a_tile, acc, input_precision="ieee")
-
-    mask = mask_m[:, None] & mask_n[None, :]
-    w = tl.load(w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn, mask=mask, other=0.0)
-    merged = w.to(tl.float32) + scale * acc
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             merged.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# Whether the kernels above were defined for Triton's interpreter (TRITON_INTERPRET=1 at import).
-_INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
 
 
 # ops --------------------------------------------------------------------------------------
@@ -310,7 +118,7 @@ def _shrink(x: torch.Tensor, a_pools: Sequence[torch.Tensor], groups: Sequence[T
                              f"has in={a_pool.shape[2]} (shape {tuple(a_pool.shape)}): the pool belongs to "
                              f"another projection")
         _check_devices(("x", x), (name, a_pool))
-    meta = _launch_meta(groups, x.device)
+    meta = launch_meta(groups, x.device)
     for p, (name, a_pool) in enumerate(zip(names, a_pools)):
         _check_indices(meta, p, groups[p], num_batch_rows=x.shape[0], batch_name="x", pool_name=name,
                        pool_entries=a_pool.shape[0])
@@ -321,13 +129,13 @@ def _shrink(x: torch.Tensor, a_pools: Sequence[torch.Tensor], groups: Sequence[T
     xas = [part.view(g.num_rows, r) for part, g, r in zip(flat.split(sizes), groups, ranks)]  # [n_p, r_p]
     if not sizes or max(sizes) == 0:
         return xas
-    table = _problem_table(x.device, [
+    table = problem_table(x.device, [
         (a.data_ptr(), xa.data_ptr(), r, meta.row_bases[p], a.stride(0), a.stride(1), a.stride(2), 0)
         for p, (a, xa, r) in enumerate(zip(a_pools, xas, ranks))
     ])
     grid = (triton.cdiv(meta.max_seg_len, SHRINK_BLOCK_M), triton.cdiv(max(ranks), SHRINK_BLOCK_R),
             meta.num_segments)
-    _shrink_kernel[grid](
+    shrink_kernel[grid](
         x, table, meta.rows, meta.seg_problem, meta.seg_lens, meta.seg_starts, meta.seg_slots,
         x.shape[1], x.stride(0), x.stride(1),
         TABLE=SHRINK_TABLE, BLOCK_M=SHRINK_BLOCK_M, BLOCK_R=SHRINK_BLOCK_R, BLOCK_K=SHRINK_BLOCK_K,
@@ -352,7 +160,7 @@ def _expand(xas: Sequence[torch.Tensor], b_pools: Sequence[torch.Tensor], groups
             raise ValueError(f"{xa_name} [n, r] has {xa.shape[0]} rows (shape {tuple(xa.shape)}) but groups serve "
                              f"num_rows={g.num_rows}: {xa_name} must come from lora_shrink with the same groups")
         _check_devices((xa_name, xa), (b_name, b_pool), ("y", y))
-    meta = _launch_meta(groups, y.device)
+    meta = launch_meta(groups, y.device)
     for p, (b_name, b_pool) in enumerate(zip(b_names, b_pools)):
         _check_indices(meta, p, groups[p], num_batch_rows=y.shape[0], batch_name="y", pool_name=b_name,
                        pool_entries=b_pool.shape[0])
@@ -360,14 +168,14 @@ def _expand(xas: Sequence[torch.Tensor], b_pools: Sequence[torch.Tensor], groups
     work = [g.num_rows * b.shape[1] * b.shape[2] for g, b in zip(groups, b_pools)]
     if not work or max(work) == 0:
         return
-    table = _problem_table(y.device, [
+    table = problem_table(y.device, [
         (xa.data_ptr(), b.data_ptr(), b.shape[2], b.shape[1], col, meta.row_bases[p], xa.stride(0),
          xa.stride(1), b.stride(0), b.stride(1), b.stride(2), 0)
         for p, (xa, b, col) in enumerate(zip(xas, b_pools, cols))
     ])
     grid = (triton.cdiv(meta.max_seg_len, EXPAND_BLOCK_M), triton.cdiv(max(b.shape[1] for b in b_pools),
                                                                        EXPAND_BLOCK_N), meta.num_segments)
-    _expand_kernel[grid](
+    expand_kernel[grid](
         y, table, meta.rows, meta.seg_problem, meta.seg_lens, meta.seg_starts, meta.seg_slots,
         y.stride(0), y.stride(1),
         TABLE=EXPAND_TABLE, BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=EXPAND_BLOCK_R,
@@ -405,7 +213,7 @@ def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, 
     if rows == 0 or cols == 0:
         return
     grid = (triton.cdiv(rows, MERGE_BLOCK_M), triton.cdiv(cols, MERGE_BLOCK_N))
-    _merge_kernel[grid](
+    merge_kernel[grid](
         weight, a, b, out,
         rows, cols, rank, float(scale),
         weight.stride(0), weight.stride(1),
@@ -414,110 +222,6 @@ def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, 
         out.stride(0), out.stride(1),
         BLOCK_M=MERGE_BLOCK_M, BLOCK_N=MERGE_BLOCK_N, BLOCK_R=MERGE_BLOCK_R,
     )
-
-
-# launch metadata --------------------------------------------------------------------------
-
-
-class _Meta:
-    """What a launch needs from a tuple of TokenGroups (one per problem), on the device, plus
-    host-side bounds per problem. Segments of every problem are concatenated, problem after problem."""
-
-    __slots__ = ("rows", "seg_problem", "seg_lens", "seg_starts", "seg_slots", "num_segments", "max_seg_len",
-                 "row_bases", "max_slots", "max_rows")
-
-    def __init__(self, groups: Sequence[TokenGroups], device: torch.device) -> None:
-        rows, seg_problem, seg_lens, seg_slots, seg_starts = [], [], [], [], []
-        self.row_bases: list[int] = []  # first entry of each problem's rows in `rows`
-        base = 0
-        for p, g in enumerate(groups):
-            n = g.num_rows
-            if g.rows is None:  # contiguous served rows: index them through an arange
-                rows.append(torch.arange(g.row_start, g.row_start + n, dtype=torch.long, device=device))
-            else:
-                rows.append(g.rows.to(device=device, dtype=torch.long))
-            if rows[-1].numel() != n:
-                raise ValueError(f"groups[{p}].rows has {rows[-1].numel()} entries but num_rows={n}")
-            lens = g.seg_lens.to(device=device, dtype=torch.long)
-            seg_lens.append(lens)
-            seg_starts.append(torch.cumsum(lens, 0) - lens)  # first served row within the problem
-            seg_slots.append(g.seg_slots.to(device=device, dtype=torch.long))
-            seg_problem.append(torch.full((g.num_segments,), p, dtype=torch.long, device=device))
-            self.row_bases.append(base)
-            base += n
-        cat = (lambda ts: torch.cat(ts).contiguous()) if groups else (
-            lambda ts: torch.empty(0, dtype=torch.long, device=device))
-        self.rows, self.seg_problem, self.seg_lens = cat(rows), cat(seg_problem), cat(seg_lens)  # [sum n], [G], [G]
-        self.seg_starts, self.seg_slots = cat(seg_starts), cat(seg_slots)  # [G], [G]
-        self.num_segments = int(self.seg_lens.shape[0])
-        self.max_seg_len = 0
-        self.max_slots, self.max_rows = [-1] * len(groups), [-1] * len(groups)
-        self._bounds(groups, rows, seg_lens, seg_slots)
-
-    def _bounds(self, groups, rows, seg_lens, seg_slots) -> None:
-        """The single host synchronisation: every problem's bounds, read in one transfer."""
-        stats = []
-        for g, r, lens, slots in zip(groups, rows, seg_lens, seg_slots):
-            if g.num_segments:
-                stats.append(torch.stack([lens.max(), lens.sum(), lens.min(), slots.max(), slots.min()]))
-                if g.num_rows:
-                    stats.append(torch.stack([r.max(), r.min()]))
-        values = torch.cat(stats).tolist() if stats else []
-        for p, g in enumerate(groups):
-            if not g.num_segments:
-                if g.num_rows:
-                    raise ValueError(f"groups[{p}] have no segment but num_rows={g.num_rows}")
-                continue
-            max_len, total, min_len, self.max_slots[p], min_slot = values[:5]
-            values = values[5:]
-            min_row = 0
-            if g.num_rows:
-                self.max_rows[p], min_row = values[:2]
-                values = values[2:]
-            if min_len < 0 or min_slot < 0 or min_row < 0:
-                raise ValueError(f"groups hold a negative length, pool entry or row: seg_lens "
-                                 f"{g.seg_lens.tolist()}, seg_slots {g.seg_slots.tolist()}")
-            if total != g.num_rows:
-                raise ValueError(f"groups are inconsistent: seg_lens sum to {total} but num_rows={g.num_rows}")
-            self.max_seg_len = max(self.max_seg_len, max_len)
-
-
-_META: dict[tuple[int, ...], _Meta] = {}
-
-
-def _launch_meta(groups: Sequence[TokenGroups], device: torch.device) -> _Meta:
-    """The launch metadata of this tuple of groups on `device`, built once per tuple (see the module doc)."""
-    for p, g in enumerate(groups):
-        for name in ("rows", "seg_lens", "seg_slots"):
-            t = getattr(g, name)
-            if t is not None and t.device != device:
-                raise ValueError(f"groups[{p}].{name} is on {t.device} but the tensors are on {device}: build "
-                                 f"the TokenGroups with device={str(device)!r}")
-    key = tuple(id(g) for g in groups)  # groups are frozen; the entry leaves with any of its objects
-    meta = _META.get(key)
-    if meta is None:
-        meta = _Meta(groups, device)
-        for g in set(groups):
-            weakref.finalize(g, _META.pop, key, None)
-        _META[key] = meta
-    return meta
-
-
-_TABLES: dict[tuple, torch.Tensor] = {}
-_MAX_TABLES = 4096
-
-
-def _problem_table(device: torch.device, rows: list[tuple[int, ...]]) -> torch.Tensor:
-    """The per-problem table [P, width] int64 on `device`, cached by content: pool addresses are
-    stable between steps, so a layer's table is copied to the device once, not every step."""
-    key = (device, tuple(rows))
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) >= _MAX_TABLES:
-            _TABLES.clear()
-        table = torch.tensor(rows, dtype=torch.long).to(device)
-        _TABLES[key] = table
-    return table
 
 
 # checks -----------------------------------------------------------------------------------
@@ -546,7 +250,7 @@ def _check_devices(*named: tuple[str, torch.Tensor]) -> None:
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
     if first.device.type == "cpu":
-        if not _INTERPRETED:
+        if not INTERPRETED:
             raise ValueError("the Triton LoRA ops got CPU tensors but Triton is not in its interpreter: set "
                              "TRITON_INTERPRET=1 before loraplex.kernels.lora_triton is first imported, or "
                              "use the torch kernels on CPU")
@@ -561,7 +265,7 @@ def _check_problems(count: int, num_groups: int, name: str) -> None:
         raise ValueError(f"{name} has {count} entries but groups has {num_groups}: one per problem")
 
 
-def _check_indices(meta: _Meta, p: int, groups: TokenGroups, num_batch_rows: int, batch_name: str,
+def _check_indices(meta: LaunchMeta, p: int, groups: TokenGroups, num_batch_rows: int, batch_name: str,
                    pool_name: str, pool_entries: int) -> None:
     if meta.max_slots[p] >= pool_entries:
         raise ValueError(f"groups use pool entry {meta.max_slots[p]} but {pool_name} has {pool_entries} entries "

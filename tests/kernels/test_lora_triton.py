@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("triton")
 
 from loraplex.kernels import TokenGroups, get_lora_ops, lora_reference, lora_torch  # noqa: E402
-from loraplex.kernels import lora_triton  # noqa: E402
+from loraplex.kernels import lora_triton, triton_kernels, triton_launch  # noqa: E402
 
 # float32: all paths accumulate in float32 and differ only in summation order; magnitudes are
 # O(1) (x ~ N(0, 1), A scaled by 1/sqrt(in), B by 1/sqrt(r)), so atol/rtol 1e-5 is a few ulps.
@@ -238,15 +238,15 @@ def test_one_launch_per_call_with_the_segment_grid(monkeypatch, triton_device):
             launches.append((self.name, tuple(grid)))
             return self.kernel[grid]
 
-    for name in ("_shrink_kernel", "_expand_kernel"):
+    for name in ("shrink_kernel", "expand_kernel"):
         monkeypatch.setattr(lora_triton, name, Spy(name, getattr(lora_triton, name)))
     T, starts, lens, slots = LAYOUTS["prefill_long"]  # longest segment 37 rows
     x, a_pool, b_pool, y = _operands(T, 200, 136, 33, torch.float32, seed=2, extra_cols=(0, 0))
     _run_triton(x, a_pool, b_pool, y, starts, lens, slots, triton_device)
     m = lora_triton
     assert launches == [
-        ("_shrink_kernel", (-(-37 // m.SHRINK_BLOCK_M), -(-33 // m.SHRINK_BLOCK_R), 3)),
-        ("_expand_kernel", (-(-37 // m.EXPAND_BLOCK_M), -(-136 // m.EXPAND_BLOCK_N), 3)),
+        ("shrink_kernel", (-(-37 // m.SHRINK_BLOCK_M), -(-33 // m.SHRINK_BLOCK_R), 3)),
+        ("expand_kernel", (-(-37 // m.EXPAND_BLOCK_M), -(-136 // m.EXPAND_BLOCK_N), 3)),
     ]
     launches.clear()
     for layout in ("only_zero", "no_segment"):
@@ -272,14 +272,14 @@ def test_launch_metadata_is_memoised_per_groups_object(triton_device):
     x, a_pool = x.to(triton_device), a_pool.to(triton_device)
     first = lora_triton.lora_shrink(x, a_pool, g)
     key = (id(g),)
-    meta = lora_triton._META[key]
+    meta = triton_launch._META[key]
     assert meta.rows.tolist() == [0, 2, 3, 7, 9] and meta.seg_starts.tolist() == [0, 1, 2, 3, 4]
     assert (meta.max_seg_len, meta.max_slots, meta.max_rows) == (1, [4], [9])
     assert torch.equal(lora_triton.lora_shrink(x, a_pool, g), first)
-    assert lora_triton._META[key] is meta
+    assert triton_launch._META[key] is meta
     del g
     gc.collect()
-    assert key not in lora_triton._META
+    assert key not in triton_launch._META
 
 
 def test_get_lora_ops_triton_on_cpu_is_the_interpreted_module():
@@ -287,7 +287,7 @@ def test_get_lora_ops_triton_on_cpu_is_the_interpreted_module():
     assert ops is lora_triton
     assert callable(ops.lora_shrink) and callable(ops.lora_expand) and callable(ops.merge)
     if not torch.cuda.is_available():
-        assert lora_triton._INTERPRETED
+        assert triton_kernels.INTERPRETED
 
 
 # assertions -------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ class _LaunchSpy:
 
     def __init__(self, monkeypatch):
         self.launches: list[tuple[str, tuple]] = []
-        for name in ("_shrink_kernel", "_expand_kernel"):
+        for name in ("shrink_kernel", "expand_kernel"):
             monkeypatch.setattr(lora_triton, name, self._wrap(name, getattr(lora_triton, name)))
 
     def _wrap(self, name, kernel):
@@ -376,8 +376,8 @@ def test_fused_ops_one_launch_each_match_torch_and_dense(form, dtype, fused_case
     assert len(problems) >= 10 and num_segments > len(problems)
     m = lora_triton
     assert spy.launches == [
-        ("_shrink_kernel", (-(-longest // m.SHRINK_BLOCK_M), -(-128 // m.SHRINK_BLOCK_R), num_segments)),
-        ("_expand_kernel", (-(-longest // m.EXPAND_BLOCK_M), -(-136 // m.EXPAND_BLOCK_N), num_segments)),
+        ("shrink_kernel", (-(-longest // m.SHRINK_BLOCK_M), -(-128 // m.SHRINK_BLOCK_R), num_segments)),
+        ("expand_kernel", (-(-longest // m.EXPAND_BLOCK_M), -(-136 // m.EXPAND_BLOCK_N), num_segments)),
     ]
 
     torch_groups = [TokenGroups.build(s, n, e) for _, _, s, n, e, _ in problems]

@@ -47,7 +47,7 @@ def test_each_lora_layer_costs_one_shrink_and_one_expand_launch_per_step(tiny_mo
     from loraplex.server.engine.sequence import Request
 
     triton_ops = get_lora_ops("triton", "cpu")
-    launches = {"_shrink_kernel": 0, "_expand_kernel": 0}
+    launches = {"shrink_kernel": 0, "expand_kernel": 0}
     for name in launches:
         kernel = getattr(triton_ops, name)
 
@@ -70,4 +70,4 @@ def test_each_lora_layer_costs_one_shrink_and_one_expand_launch_per_step(tiny_mo
     assert all(len(o.token_ids) == 4 for o in out)
     lora_layers = 4 * len(engine.model.layers)  # qkv, o, gate_up, down in every layer
     assert forwards and all(n == len(requests) for n in forwards)  # all16 (every projection) in every step
-    assert launches == {"_shrink_kernel": lora_layers * len(forwards), "_expand_kernel": lora_layers * len(forwards)}
+    assert launches == {"shrink_kernel": lora_layers * len(forwards), "expand_kernel": lora_layers * len(forwards)}
