@@ -130,11 +130,12 @@ def test_exception_mid_publish_leaves_nothing(tmp_path, tiny_adapters, validate,
 
 
 @pytest.mark.parametrize("point", ["before_rename", "after_rename", "after_commit", "mid_delete"])
-def test_crash_mid_publish_is_recovered_on_open(registry, tiny_adapters, validate, monkeypatch, point):
+def test_crash_mid_publish_is_recovered_on_open(registry, tiny_adapters, validate, monkeypatch, point, tmp_path):
     with registry.open() as store:
         kept = store.publish_dir("other", tiny_adapters["mlp8"], validate)
     child = subprocess.run([sys.executable, "-c", CHILD, registry.where, str(registry.blobs or ""),
-                            str(tiny_adapters["attn4"]), point], capture_output=True, text=True, timeout=60)
+                            str(tiny_adapters["attn4"]), point], capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path)  # never the repository root: it must not shadow installed packages
     assert child.returncode == CRASH_EXIT, child.stderr
 
     blobs = registry.blob_names()
