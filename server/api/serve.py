@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 log = logging.getLogger("loraplex.serve")
 
@@ -72,55 +74,67 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         return asyncio.run(_serve(args, api_key, admin_token))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str | None) -> int:
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+class Wired(NamedTuple):
+    health: Any  # grpc_health's aio HealthServicer
+    health_names: tuple[str, ...]  # the services health reports SERVING ("" is the whole server)
+    banner: str  # the line printed once everything listens
 
+
+class StartupError(Exception):
+    """A start-up failure the user can fix (a bad flag, a busy port, a refused store): printed as
+    one `error:` line, exit 2, after everything started so far has been torn down."""
+
+
+async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str | None) -> int:
+    """Build, wire, run; every step registers its teardown on one exit stack, so a failure at any
+    point (or the end of a clean shutdown) undoes exactly what was started, in reverse order."""
+    async with contextlib.AsyncExitStack() as stack:
+        state = await _build(args, stack)
+        wired = await _wire(args, state, api_key, admin_token, stack)
+        await _run(args, state, wired)
+    return 0
+
+
+async def _build(args: argparse.Namespace, stack: contextlib.AsyncExitStack):
+    """The store, the engine (on its own thread) with the stored adapters restored, and the ServerState."""
     from loraplex.adapters_store.errors import StoreError
     from loraplex.adapters_store.store import AdapterStore
     from loraplex.server.engine.adapters import AdapterError
     from loraplex.server.engine.cli_args import engine_config
     from loraplex.server.engine.engine import Engine
-    from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
-    from loraplex.v1 import kserve_v2_pb2, kserve_v2_pb2_grpc
 
-    from .admin_service import AdminService
-    from .auth import AuthInterceptor
     from .engine_loop import EngineLoop, EngineThread
     from .generate_request import ServerDefaults
-    from .inference_service import InferenceService
-    from .kserve_service import KServeService
     from .metrics import Metrics
     from .metrics_hook import MetricsHook
-    from .registry_sync import RegistrySync, restore_adapters
+    from .registry_sync import restore_adapters
     from .server_state import ServerState
 
     try:  # the store first: one that must not be opened (see adapters_store/guard.py) refuses in seconds
         store = AdapterStore(args.store, max_adapter_bytes=args.max_adapter_bytes, blobs=args.blobs,
                              cache=Path(args.blob_cache))
     except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise StartupError(exc) from None
+    stack.callback(store.close)
+    engine_thread = EngineThread()
     try:
-        engine_thread = EngineThread()
         engine = await engine_thread.run(Engine, engine_config(args))
     except (ValueError, FileNotFoundError, OSError, StoreError) as exc:
-        store.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise StartupError(exc) from None
     refused = await engine_thread.run(restore_adapters, engine, store)
     if args.merge:
         try:
             ref = store.get(args.merge).ref
             await engine_thread.run(lambda: engine.merge_adapter(ref, static=True))
         except (StoreError, AdapterError) as exc:  # a usage error at start-up
-            print(f"error: --merge {args.merge}: {exc}", file=sys.stderr)
-            return 2
+            raise StartupError(f"--merge {args.merge}: {exc}") from None
     # Start-up leaves ~360,000 long-lived objects (torch, transformers, grpc); a full collection
     # walks them all in ~180 ms, stopping whichever thread triggered it, the engine's included.
     # Frozen, they are never walked again, and later collections see only newer objects.
@@ -130,9 +144,26 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     metrics.registered.set(len(store.list()))
     hook = MetricsHook(metrics)
     engine_loop = EngineLoop(engine, args.max_queue, on_step=hook.step, on_change=hook.gauges, thread=engine_thread)
-    state = ServerState(engine_loop, store, metrics,
-                        ServerDefaults(args.default_max_new_tokens, args.max_new_tokens_limit),
-                        model_name=str(args.model or engine.model_path), unservable=refused)
+    return ServerState(engine_loop, store, metrics, ServerDefaults(args.default_max_new_tokens, args.max_new_tokens_limit),
+                       model_name=str(args.model or engine.model_path), unservable=refused)
+
+
+async def _wire(args: argparse.Namespace, state, api_key: str | None, admin_token: str | None,
+                stack: contextlib.AsyncExitStack) -> Wired:
+    """The gRPC services, the ports (gRPC, metrics, optional HTTP), the engine loop and the registry
+    poller, all started."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
+    from loraplex.v1 import kserve_v2_pb2, kserve_v2_pb2_grpc
+
+    from .admin_service import AdminService
+    from .auth import AuthInterceptor
+    from .inference_service import InferenceService
+    from .kserve_service import KServeService
+    from .registry_sync import RegistrySync
 
     options = [("grpc.max_receive_message_length", args.max_message_bytes),
                ("grpc.max_send_message_length", args.max_message_bytes)]
@@ -142,67 +173,65 @@ async def _serve(args: argparse.Namespace, api_key: str | None, admin_token: str
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, args.max_adapter_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    services = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-                health.SERVICE_NAME, reflection.SERVICE_NAME,
-                kserve_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
-    reflection.enable_server_reflection(services, server)
+    named = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+             admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name)
+    reflection.enable_server_reflection(named + (health.SERVICE_NAME, reflection.SERVICE_NAME, kserve_v2_pb2.DESCRIPTOR
+                                        .services_by_name["GRPCInferenceService"].full_name), server)
     address = f"{args.host}:{args.port}"
     try:
         port = server.add_secure_port(address, _tls(args)) if args.tls_cert else server.add_insecure_port(address)
     except RuntimeError as exc:
-        print(f"error: cannot listen on {address} for gRPC: {exc}", file=sys.stderr)
-        return 2
+        raise StartupError(f"cannot listen on {address} for gRPC: {exc}") from None
     try:
-        metrics_port = metrics.serve(args.host, args.metrics_port)
+        metrics_port = state.metrics.serve(args.host, args.metrics_port)
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.metrics_port} for metrics: {exc}", file=sys.stderr)
-        return 2
-    engine_loop.start()
+        raise StartupError(f"cannot listen on {args.host}:{args.metrics_port} for metrics: {exc}") from None
+    state.engine_loop.start()
+    stack.callback(state.engine_loop.stop)
     await server.start()
-    http_runner, http_note = None, ""
-    if args.http_port is not None:
-        from . import openai_http
-
-        tls = openai_http.tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-        try:
-            http_runner, http_port = await openai_http.start(
-                openai_http.build_app(state, api_key, args.max_message_bytes), args.host, args.http_port, tls)
-        except OSError as exc:
-            print(f"error: cannot listen on {args.host}:{args.http_port} for HTTP: {exc}", file=sys.stderr)
-            await server.stop(grace=None)
-            engine_loop.stop()
-            store.close()
-            return 2
-        http_note = f" (OpenAI HTTP on {args.host}:{http_port})"
-    poller = None
+    stack.push_async_callback(server.stop, 1.0)
+    http_note = await _start_http(args, state, api_key, stack) if args.http_port is not None else ""
     if args.registry_poll_seconds > 0:
         poller = asyncio.create_task(RegistrySync(state, args.registry_poll_seconds).run())
-    for service in ("",) + services[:2]:
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    print(f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})"
-          f"{http_note}", flush=True)
+        stack.callback(poller.cancel)
+    banner = (f"loraplex serving {state.model_name} on {args.host}:{port} (metrics on {args.host}:{metrics_port})"
+              f"{http_note}")
+    return Wired(health_servicer, ("",) + named, banner)
 
+
+async def _start_http(args: argparse.Namespace, state, api_key: str | None, stack: contextlib.AsyncExitStack) -> str:
+    from . import openai_http
+
+    tls = openai_http.tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    try:
+        runner, port = await openai_http.start(openai_http.build_app(state, api_key, args.max_message_bytes),
+                                               args.host, args.http_port, tls)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {args.host}:{args.http_port} for HTTP: {exc}") from None
+    stack.push_async_callback(runner.cleanup)
+    return f" (OpenAI HTTP on {args.host}:{port})"
+
+
+async def _run(args: argparse.Namespace, state, wired: Wired) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: health turns NOT_SERVING, new requests are refused,
+    running ones get --shutdown-grace seconds. The exit stack stops the rest."""
+    from grpc_health.v1 import health_pb2
+
+    for service in wired.health_names:
+        await wired.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    print(wired.banner, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("shutting down: refusing new requests, finishing %d running", engine_loop.num_live())
+    log.info("shutting down: refusing new requests, finishing %d running", state.engine_loop.num_live())
     state.draining = True
-    await health_servicer.enter_graceful_shutdown()
+    await wired.health.enter_graceful_shutdown()
     deadline = loop.time() + args.shutdown_grace
-    while engine_loop.num_live() and loop.time() < deadline:
+    while state.engine_loop.num_live() and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if poller is not None:
-        poller.cancel()
-    await server.stop(grace=1.0)
-    if http_runner is not None:
-        await http_runner.cleanup()
-    engine_loop.stop()
-    store.close()
-    return 0
 
 
 def _tls(args: argparse.Namespace):
