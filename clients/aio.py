@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+import sys
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import Message
@@ -18,11 +19,16 @@ from .client import (
     channel_credentials,
     completion,
     endpoint_message,
-    generate_request,
     stream_event,
     to_dict,
     upload_requests,
 )
+from .options import GenerateOptions, generate_call
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["AsyncClient"]
 
@@ -65,63 +71,17 @@ class AsyncClient:
 
     # --- inference ---
 
-    async def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        endpoint: str | None = None,
-        adapter: str | None = None,
-        soft_prompt: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool | None = None,
-        n: int | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Completion:
-        request = generate_request(
-            prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
-        )
-        return completion(await self._call(self._inference.Generate, request, self._inference_md, timeout))
+    async def generate(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> Completion:
+        """`Client.generate` on asyncio; the options are `GenerateOptions`'."""
+        call = generate_call(prompt, options)
+        return completion(await self._call(self._inference.Generate, call.request, self._inference_md, call.timeout))
 
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        endpoint: str | None = None,
-        adapter: str | None = None,
-        soft_prompt: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool | None = None,
-        n: int | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[StreamEvent]:
-        """`async for event in client.stream(...)`: deltas, then one final event. Leaving the
-        loop early (or `aclose()`) cancels the request on the server."""
-        request = generate_request(
-            prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
-        )
-        return self._stream(request, timeout)
+    def stream(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamEvent]:
+        """`async for event in client.stream(...)`: deltas, then one final event; the options are
+        `generate`'s, checked at once. Leaving the loop early (or `aclose()`) cancels the request
+        on the server."""
+        call = generate_call(prompt, options)
+        return self._stream(call.request, call.timeout)
 
     async def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None) -> AsyncIterator[StreamEvent]:
         call = self._inference.GenerateStream(request, metadata=self._inference_md, timeout=self._timeout(timeout))

@@ -1,15 +1,17 @@
 """Synchronous Python client for a loraplex server (gRPC).
 
 This module imports only grpcio and protobuf, so `loraplex complete` starts fast. The
-request builders and response converters here are shared with the asyncio client (aio.py).
+request builders and response converters here, and the generation options with their one
+builder (options.py), are shared with the asyncio client (aio.py).
 """
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -17,15 +19,20 @@ from google.protobuf.message import Message
 
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-__all__ = ["Client", "Completion", "LoraplexError", "ServedBy", "StreamEvent"]
+from .options import GenerateOptions, generate_call
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Client", "Completion", "GenerateOptions", "LoraplexError", "ServedBy", "StreamEvent"]
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_LENGTH: "length",
     inference_pb2.FINISH_REASON_STOP: "stop",
     inference_pb2.FINISH_REASON_EOS: "eos",
 }
-SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "n", "logprobs",
-                   "top_logprobs")
 
 
 class LoraplexError(Exception):
@@ -95,51 +102,6 @@ class StreamEvent:
 
 
 # --- request builders -----------------------------------------------------------------------
-
-def sampling_parameters(**values: Any) -> inference_pb2.SamplingParameters:
-    """SamplingParameters with only the given (non-None) fields present.
-
-    Presence matters: an absent field takes the endpoint's, then the server's default, while
-    temperature=0.0 explicitly asks for greedy decoding.
-    """
-    unknown = sorted(set(values) - set(SAMPLING_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown sampling field(s) {', '.join(unknown)}; known: {', '.join(SAMPLING_FIELDS)}")
-    params = inference_pb2.SamplingParameters()
-    for name, value in values.items():
-        if value is None:
-            continue
-        if name == "stop":
-            params.stop.extend([value] if isinstance(value, str) else value)
-        else:
-            setattr(params, name, value)
-    return params
-
-
-def generate_request(
-    prompt: str | None,
-    messages: Sequence[dict] | None,
-    *,
-    endpoint: str | None,
-    adapter: str | None,
-    soft_prompt: str | None,
-    request_id: str | None,
-    **sampling: Any,
-) -> inference_pb2.GenerateRequest:
-    if (prompt is None) == (messages is None):
-        raise ValueError("give exactly one of prompt or messages")
-    request = inference_pb2.GenerateRequest(
-        endpoint=endpoint or "", adapter=adapter or "", soft_prompt=soft_prompt or "",
-        request_id=request_id or "", sampling=sampling_parameters(**sampling),
-    )
-    if prompt is not None:
-        request.prompt = prompt
-    else:
-        request.chat.messages.extend(
-            inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages
-        )
-    return request
-
 
 def endpoint_message(
     name: str,
@@ -285,7 +247,7 @@ class Client:
     """A connection to one loraplex server; use as a context manager or call `close()`.
 
     Every method raises `LoraplexError` when the server refuses the call, and `ValueError` for
-    arguments refused before anything is sent.
+    arguments refused before anything is sent (`TypeError` for a keyword that is no option).
     """
 
     def __init__(
@@ -318,68 +280,21 @@ class Client:
 
     # --- inference ---
 
-    def generate(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        endpoint: str | None = None,
-        adapter: str | None = None,
-        soft_prompt: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool | None = None,
-        n: int | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Completion:
-        """Generate a whole answer. Sampling arguments left as None take the endpoint's, then
-        the server's defaults."""
-        request = generate_request(
-            prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
-        )
-        return completion(self._call(self._inference.Generate, request, self._inference_md, timeout))
+    def generate(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> Completion:
+        """Generate a whole answer to `prompt` (or `messages=`); the options are `GenerateOptions`'.
+        Sampling options left unset take the endpoint's, then the server's defaults."""
+        call = generate_call(prompt, options)
+        return completion(self._call(self._inference.Generate, call.request, self._inference_md, call.timeout))
 
-    def stream(
-        self,
-        prompt: str | None = None,
-        *,
-        messages: list[dict] | None = None,
-        endpoint: str | None = None,
-        adapter: str | None = None,
-        soft_prompt: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        ignore_eos: bool | None = None,
-        n: int | None = None,
-        logprobs: bool | None = None,
-        top_logprobs: int | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> Iterator[StreamEvent]:
-        """Generate as a stream of events: deltas, then one final event (`is_final`).
+    def stream(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> Iterator[StreamEvent]:
+        """Generate as a stream of events: deltas, then one final event (`is_final`); the options
+        are `generate`'s.
 
         Arguments are checked at once; the call starts on the first `next()`. Leaving the loop
         early (or closing the iterator) cancels the request on the server.
         """
-        request = generate_request(
-            prompt, messages, endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt, request_id=request_id,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop=stop, ignore_eos=ignore_eos, n=n, logprobs=logprobs, top_logprobs=top_logprobs,
-        )
-        return self._stream(request, timeout)
+        call = generate_call(prompt, options)
+        return self._stream(call.request, call.timeout)
 
     def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None) -> Iterator[StreamEvent]:
         call = self._inference.GenerateStream(request, metadata=self._inference_md, timeout=self._timeout(timeout))

@@ -36,10 +36,12 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
     def __init__(self):
         self.requests: list[inference_pb2.GenerateRequest] = []
         self.metadata: list[dict[str, str]] = []
+        self.deadlines: list[float] = []  # seconds each call had left on arrival (about 9e18 without a deadline)
 
     def _record(self, request, context) -> str:
         self.requests.append(request)
         self.metadata.append(_metadata(context))
+        self.deadlines.append(context.time_remaining())
         if request.endpoint == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, "unknown endpoint 'missing'")
         prompt = request.prompt if request.HasField("prompt") else request.chat.messages[-1].content
