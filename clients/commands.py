@@ -11,10 +11,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable
+from typing import cast
 
 from .client import Client, Completion, LoraplexError, StreamEvent
+from .options import GenerateOptions
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+# GenerateOptions' sampling options that are flags here: those an endpoint's defaults take too
+# (n and the logprobs options shape a response that `complete` does not print).
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 
 
@@ -49,9 +53,10 @@ def _add_sampling_args(parser: argparse._ActionsContainer) -> None:
     parser.add_argument("--ignore-eos", action="store_const", const=True, help="generate past the end token")
 
 
-def _sampling(args: argparse.Namespace) -> dict:
+def _sampling(args: argparse.Namespace) -> GenerateOptions:
     """The sampling flags that were given; the rest stay unset (server or endpoint defaults)."""
-    return {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS if getattr(args, name) is not None}
+    return cast(GenerateOptions, given)  # tests/clients/test_options.py: SAMPLING_FLAGS are options
 
 
 def _read_secret(path: str, flag: str) -> str:
@@ -143,7 +148,8 @@ def _collect(events: Iterable[StreamEvent], echo: bool) -> Completion:
 
 def _complete(args: argparse.Namespace) -> None:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    options = dict(endpoint=args.endpoint, adapter=args.adapter, soft_prompt=args.soft_prompt, **_sampling(args))
+    options: GenerateOptions = {"endpoint": args.endpoint, "adapter": args.adapter, "soft_prompt": args.soft_prompt,
+                                **_sampling(args)}
     with _client(args, admin=False) as client:
         if args.stream:
             result = _collect(client.stream(prompt, **options), echo=not args.json)
