@@ -1,4 +1,4 @@
-"""The text-generation convention of Triton's LLM backends, mapped onto a loraplex GenerateRequest.
+"""The text-generation convention of Triton's LLM backends, mapped onto a loraplex GenerateCall.
 
 Inputs: BYTES `text_input` (one element, shape [1] or [1, 1]); optional scalars `max_tokens`,
 `temperature`, `top_p`, `top_k`, `seed`, `ignore_eos`, `stream` and `exclude_input_in_output`,
@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from loraplex.v1 import inference_pb2
 from loraplex.v1 import kserve_v2_pb2 as pb
 
-from .generate_request import ApiError
+from .generate_request import ApiError, GenerateCall
 from .model_names import Model
 from .kserve_tensors import NUMERIC, Tensor, read_inputs
 
@@ -23,7 +22,7 @@ TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
 INTEGER_TYPES = tuple(t for t in NUMERIC if t.startswith(("INT", "UINT")))
 FLOAT_TYPES = ("FP32", "FP64", *INTEGER_TYPES)
-# optional scalar inputs: name -> (accepted datatypes, python type, SamplingParameters field or None)
+# optional scalar inputs: name -> (accepted datatypes, python type, sampling field or None)
 SCALARS: dict[str, tuple[tuple[str, ...], type, str | None]] = {
     "max_tokens": (INTEGER_TYPES, int, "max_new_tokens"),
     "temperature": (FLOAT_TYPES, float, "temperature"),
@@ -43,7 +42,7 @@ EMPTY_FINAL = "triton_enable_empty_final_response"  # tritonclient's flag for a 
 class TextGeneration:
     prompt: str
     text_shape: list[int]
-    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingParameters fields the client set
+    sampling: dict[str, Any] = field(default_factory=dict)  # sampling fields the client set (GenerateCall.sampling)
     stream: bool = False
     exclude_input: bool = False
     empty_final: bool = False
@@ -137,17 +136,8 @@ def _flag(request: pb.ModelInferRequest, key: str) -> bool:
     return param is not None and param.WhichOneof("parameter_choice") == "bool_param" and param.bool_param
 
 
-def generate_request(gen: TextGeneration, model: Model) -> inference_pb2.GenerateRequest:
-    """The loraplex.v1 request that serves `gen` on `model`: the one validation path does the rest."""
-    try:
-        sampling = inference_pb2.SamplingParameters(**gen.sampling)
-    except (ValueError, TypeError) as exc:  # out of the field's range, e.g. a negative seed
-        raise ApiError("INVALID_ARGUMENT", f"sampling settings {gen.sampling} are out of range: {exc}") from None
-    req = inference_pb2.GenerateRequest(prompt=gen.prompt, sampling=sampling)
-    if model.kind == "endpoint":
-        req.endpoint = model.name
-    elif model.kind == "lora":
-        req.adapter = model.ref
-    elif model.kind == "soft_prompt":
-        req.soft_prompt = model.ref
-    return req
+def generate_call(gen: TextGeneration, model: Model) -> GenerateCall:
+    """The generation call that serves `gen` on `model`: the one validation path does the rest."""
+    names = {"endpoint": "endpoint", "lora": "adapter", "soft_prompt": "soft_prompt"}
+    target = {names[model.kind]: model.name if model.kind == "endpoint" else model.ref} if model.kind in names else {}
+    return GenerateCall(prompt=gen.prompt, sampling=dict(gen.sampling), **target)

@@ -3,34 +3,32 @@
 Unmodified v2 clients (tritonclient.grpc, KServe tooling) check health and metadata, generate
 text with the convention of Triton's LLM backends (kserve_generation), and manage adapter
 residency through the model-repository extension (kserve_repository). A model name is an
-endpoint, an adapter or the base model (model_names). Generation goes through the
-loraplex.v1 Inference service itself, so validation, queue limits, cancellation and metrics
-are the same on every front.
+endpoint, an adapter or the base model (model_names). Generation is the one path every front
+shares (`generation.generate` on a `GenerateCall`), so validation, queue limits, cancellation and
+metrics are the same on every front.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 
-from loraplex.v1 import inference_pb2
 from loraplex.v1 import kserve_v2_pb2 as pb
 from loraplex.v1 import kserve_v2_pb2_grpc
 
 from . import kserve_repository
-from .admin_service import _version
-from .generate_request import ApiError
-from .inference_service import InferenceService
-from .kserve_generation import INPUTS_METADATA, OUTPUTS_METADATA, TEXT_OUTPUT, TextGeneration, generate_request, parse
+from .generate_request import ApiError, GenerateCall
+from .generation import generate
+from .kserve_generation import INPUTS_METADATA, OUTPUTS_METADATA, TEXT_OUTPUT, TextGeneration, generate_call, parse
 from .kserve_tensors import bytes_output
 from .model_names import Model, find_model
 from .server_state import ServerState
+from .version import server_version
 
-FINISH = {inference_pb2.FINISH_REASON_LENGTH: "length", inference_pb2.FINISH_REASON_STOP: "stop",
-          inference_pb2.FINISH_REASON_EOS: "eos"}
 EXTENSIONS = ["model_repository"]
 FINAL = "triton_final_response"  # how a decoupled stream marks the last response of a request
 
@@ -39,33 +37,17 @@ log = logging.getLogger(__name__)
 PLATFORM = "loraplex"  # ServerMetadata / ModelMetadata platform
 
 
-class StreamFailed(Exception):
-    """A request inside ModelStreamInfer failed; it is reported in that stream, which goes on."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class _StreamRequestContext:
-    """The servicer context the Inference service sees for one request of a ModelStreamInfer
-    stream: aborting fails that request only, everything else is the stream's own context."""
-
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._context = context
-
-    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
-        raise StreamFailed(code, details)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
+@dataclass
+class Ending:
+    """How a finished request ended: its finish reason and token counts (response parameters)."""
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServerState, inference: InferenceService) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.state = state
-        self.inference = inference
 
     # health and metadata ----------------------------------------------------------------
     async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
@@ -75,7 +57,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=not self.state.draining)
 
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="loraplex", version=_version(), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="loraplex", version=server_version(), extensions=EXTENSIONS)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         """Ready when the name resolves and the server is not draining; an unknown name is simply
@@ -98,9 +80,8 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "stream is true: use ModelStreamInfer (tritonclient: start_stream and "
                                 "async_stream_infer) for streamed responses")
-        result = await self.inference.Generate(call, context)
-        text = result.text if gen.exclude_input else gen.prompt + result.text
-        return _response(request, model, gen, text, result.finish_reason, result.usage)
+        text, ending = await self._guard(context, self._complete(call))
+        return _response(request, model, gen, text if gen.exclude_input else gen.prompt + text, ending)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -114,7 +95,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(self._stream_one(request, context, out))
+                    task = asyncio.create_task(self._stream_one(request, out))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:  # the client closed its side: answer what it sent, then end
@@ -135,33 +116,40 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest, context, out: asyncio.Queue) -> None:
+    async def _stream_one(self, request: pb.ModelInferRequest, out: asyncio.Queue) -> None:
+        """One request of a stream; its failure is reported in the stream, which goes on."""
         try:
             model, gen, call = await self._prepare(request)
-            sub_context = _StreamRequestContext(context)
             if not gen.stream:
-                result = await self.inference.Generate(call, sub_context)
-                text = result.text if gen.exclude_input else gen.prompt + result.text
-                response = _response(request, model, gen, text, result.finish_reason, result.usage)
+                text, ending = await self._complete(call)
+                response = _response(request, model, gen, text if gen.exclude_input else gen.prompt + text, ending)
                 response.parameters[FINAL].bool_param = True
                 out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
                 return
-            async for event in self.inference.GenerateStream(call, sub_context):
-                if event.HasField("delta"):
-                    response = _response(request, model, gen, event.delta.text)
-                    response.parameters[FINAL].bool_param = False
-                else:  # the end: empty text_output, or no output at all when the client asked so
-                    text = None if gen.empty_final else ""
-                    response = _response(request, model, gen, text, event.end.finish_reason, event.end.usage)
-                    response.parameters[FINAL].bool_param = True
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            async with aclosing(generate(self.state, call)) as outputs:
+                async for _, output in outputs:
+                    if output.text or output.token_ids:
+                        response = _response(request, model, gen, output.text)
+                        response.parameters[FINAL].bool_param = False
+                        out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                    if output.finished:  # empty text_output, or no output at all when the client asked so
+                        response = _response(request, model, gen, None if gen.empty_final else "", _ending(output))
+                        response.parameters[FINAL].bool_param = True
+                        out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
         except ApiError as exc:
-            out.put_nowait(_stream_error(request, exc.message))
-        except StreamFailed as exc:
             out.put_nowait(_stream_error(request, exc.message))
         except Exception as exc:  # a bug must not leave the client waiting for this request forever
             log.exception("stream request failed")
             out.put_nowait(_stream_error(request, f"internal error: {type(exc).__name__}: {exc}"))
+
+    async def _complete(self, call: GenerateCall) -> tuple[str, Ending]:
+        """Run `call` to its end: the generated text and how it ended (ApiError when refused or failed)."""
+        parts: list[str] = []
+        async with aclosing(generate(self.state, call)) as outputs:
+            async for _, output in outputs:
+                parts.append(output.text)
+                last = output
+        return "".join(parts), _ending(last)
 
     # the repository extension -----------------------------------------------------------
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context) -> pb.RepositoryIndexResponse:
@@ -181,11 +169,10 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
     async def _model(self, name: str, version: str) -> Model:
         return await asyncio.to_thread(find_model, self.state.store, self.state.model_name, name, version)
 
-    async def _prepare(self, request: pb.ModelInferRequest
-                       ) -> tuple[Model, TextGeneration, inference_pb2.GenerateRequest]:
+    async def _prepare(self, request: pb.ModelInferRequest) -> tuple[Model, TextGeneration, GenerateCall]:
         gen = parse(request)  # malformed tensors fail before the registry is read
         model = await self._model(request.model_name, request.model_version)
-        return model, gen, generate_request(gen, model)
+        return model, gen, generate_call(gen, model)
 
     @staticmethod
     async def _guard(context: grpc.aio.ServicerContext, work):
@@ -196,7 +183,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 def _response(request: pb.ModelInferRequest, model: Model, gen: TextGeneration, text: str | None,
-              finish_reason: int | None = None, usage: inference_pb2.Usage | None = None) -> pb.ModelInferResponse:
+              ending: Ending | None = None) -> pb.ModelInferResponse:
     """A ModelInferResponse carrying `text` as text_output (none when `text` is None), and the
     finish reason and token counts as response parameters once the request is done."""
     response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
@@ -204,12 +191,16 @@ def _response(request: pb.ModelInferRequest, model: Model, gen: TextGeneration, 
         tensor, raw = bytes_output(TEXT_OUTPUT, [text.encode("utf-8")], gen.text_shape)
         response.outputs.append(tensor)
         response.raw_output_contents.append(raw)
-    if finish_reason is not None:
-        response.parameters["finish_reason"].string_param = FINISH.get(finish_reason, "")
-    if usage is not None:
-        response.parameters["prompt_tokens"].int64_param = usage.prompt_tokens
-        response.parameters["completion_tokens"].int64_param = usage.completion_tokens
+    if ending is not None:
+        response.parameters["finish_reason"].string_param = ending.finish_reason
+        response.parameters["prompt_tokens"].int64_param = ending.prompt_tokens
+        response.parameters["completion_tokens"].int64_param = ending.completion_tokens
     return response
+
+
+def _ending(output) -> Ending:
+    """The Ending of a request from its last engine output (one completion: KServe asks for no n)."""
+    return Ending(output.finish_reason or "", output.prompt_tokens, output.completion_tokens)
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:

@@ -169,7 +169,7 @@ async def _wire(args: argparse.Namespace, state, api_key: str | None, admin_toke
                ("grpc.max_send_message_length", args.max_message_bytes)]
     server = grpc.aio.server(interceptors=[AuthInterceptor(api_key, admin_token)], options=options)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), server)
-    kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(state, InferenceService(state)), server)
+    kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(state), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, args.max_adapter_bytes), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

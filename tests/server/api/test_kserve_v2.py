@@ -285,7 +285,7 @@ BAD_INPUTS = [
      "max_new_tokens must be at least 1"),  # the shared validation path speaks
     ([_text(), _tensor("temperature", "FP32", [1], np.array([-1.0], dtype=np.float32))], "temperature"),
     ([_text(), _tensor("max_tokens", "FP16", [1], np.array([3], dtype=np.float16))], "datatype 'FP16'"),
-    ([_text(), _tensor("seed", "INT64", [1], np.array([-5], dtype=np.int64))], "out of range"),
+    ([_text(), _tensor("seed", "INT64", [1], np.array([-5], dtype=np.int64))], "seed must be in [0, 2**63)"),
 ]
 
 
