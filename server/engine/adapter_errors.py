@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any
 
-__all__ = ["AdapterError", "SlotsExhausted", "is_int", "is_finite_number", "short"]
+__all__ = ["AdapterError", "SlotsExhausted", "AdapterQuarantined", "is_int", "is_finite_number", "short"]
 
 
 class AdapterError(ValueError):
@@ -20,6 +20,14 @@ class AdapterError(ValueError):
 
 class SlotsExhausted(AdapterError):
     """No device slot can ever take another adapter (every slot is pinned)."""
+
+
+class AdapterQuarantined(AdapterError):
+    """An adapter or soft prompt that produced non-finite values (or was found absurd when read): it
+    is refused until registered again. Fronts answer FAILED_PRECONDITION, not INVALID_ARGUMENT:
+    the request was well formed, the adapter it names is not in a state to serve it."""
+
+    status = "FAILED_PRECONDITION"
 
 
 def is_int(value: Any) -> bool:

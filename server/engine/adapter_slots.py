@@ -13,6 +13,11 @@
   While sequences decode, the scheduler admits at most one sequence per step whose adapter is
   not `is_resident`, so copies do not pile up in one step.
 - Soft prompts are small: once registered they stay on the device.
+- Values (adapter_values.py): registering reads the adapter and refuses non-finite or absurd
+  values, unless the caller checked that directory already (`check_in_background`, which the
+  Admin service runs before the registry stores an adapter); every read for a slot checks again.
+  An adapter found bad when read, or that made a request go non-finite (the engine says so), is
+  `quarantine`d: refused (FAILED_PRECONDITION) until registered again.
 """
 from __future__ import annotations
 
@@ -20,13 +25,16 @@ import itertools
 import os
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
 
-from .adapter_errors import SlotsExhausted
-from .adapters import (AdapterError, BaseModelShape, LoraAdapter, SoftPrompt, inspect_adapter, load_adapter,
+from .adapter_errors import AdapterQuarantined, SlotsExhausted
+from .adapter_values import (AdapterValueError, BaseNorms, check_soft_prompt, check_update, check_values,
+                             module_name)
+from .adapters import (AdapterError, BaseModelShape, LoraAdapter, Pace, SoftPrompt, inspect_adapter, load_adapter,
                        slices_of)
 from .interleave import Interleaver
 from .lora_batch import RankTable
@@ -56,9 +64,13 @@ class AdapterSlots:
         max_rank: int,
         dtype: torch.dtype,
         device: torch.device,
+        *,
+        norms: BaseNorms,
     ) -> None:
-        """layers[projection][i] is the LoraLinear holding that projection in layer i."""
+        """layers[projection][i] is the LoraLinear holding that projection in layer i; `norms`: the
+        base model's sizes adapter values are checked against."""
         self.base = base
+        self.norms = norms
         self.layers = layers
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
@@ -72,7 +84,8 @@ class AdapterSlots:
         self.soft_prompts: dict[str, SoftPrompt] = {}
         self._host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._reading: dict[str, tuple[str, Future]] = {}  # name -> (path, its background read)
-        self._reader: ThreadPoolExecutor | None = None
+        # made now (it starts no thread yet): the Admin service's threads submit to it too
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read", initializer=_one_omp_thread)
         self.gate = Interleaver(enabled=device.type == "cpu")  # reads run between engine steps
         self._prefaulted: dict[tuple[str, int], set[int]] = {}  # pool entries the reader faulted in
         self._slot_of: dict[str, int] = {}
@@ -80,6 +93,7 @@ class AdapterSlots:
         self._refs = [0] * max_loras
         self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced occupied slots, oldest first
         self.pinned: set[str] = set()
+        self.quarantined: dict[str, str] = {}  # name -> why it is refused until registered again
         self.loads = 0  # adapters copied into a slot
         self.evictions = 0
         self.hits = 0  # acquisitions of an adapter already resident
@@ -89,17 +103,38 @@ class AdapterSlots:
         self.version = 0  # changes whenever pool contents or slot entries change
 
     # registration -----------------------------------------------------------------------
-    def register(self, name: str, path: str | os.PathLike) -> Registered:
-        """Validate an adapter directory and make it servable under `name` (replacing an older one)."""
+    def register(self, name: str, path: str | os.PathLike, values_checked: bool = False) -> Registered:
+        """Validate an adapter directory and make it servable under `name` (replacing an older one,
+        and lifting a quarantine). Its values are read and checked too, unless `values_checked`:
+        the caller checked this very directory already (`check_in_background`)."""
         summary = inspect_adapter(path, self.base, self.max_rank)
         entry = Registered(name, str(path), summary["kind"], summary)
         if entry.kind == "soft_prompt":
-            prompt = load_adapter(path, name, self.base, self.max_rank, self.dtype)
+            prompt = self._load_checked(path, name)
             prompt.embeddings = prompt.embeddings.to(self.device)
             self.soft_prompts[name] = prompt
+        elif not values_checked:
+            self._load_checked(path, name)
         self._drop(name)
+        self.quarantined.pop(name, None)
         self.registered[name] = entry
         return entry
+
+    def _load_checked(self, path: str | os.PathLike, name: str, pace: Pace = nullcontext) -> LoraAdapter | SoftPrompt:
+        """Read an adapter (`load_adapter`) and check its values; raises AdapterError."""
+        adapter = load_adapter(path, name, self.base, self.max_rank, self.dtype, pace=pace)
+        check_values(adapter, self.norms, pace)
+        return adapter
+
+    def check_in_background(self, path: str | os.PathLike, name: str) -> Future:
+        """Read and check adapter `name` at `path` on the reader thread (one torch thread, in slices
+        between the engine's steps): for a caller off the engine thread, such as the Admin service
+        vetting an upload before the registry stores it. The future raises what the check raised."""
+        return self._reader.submit(self._check_read, path, name)
+
+    def _check_read(self, path: str | os.PathLike, name: str) -> None:
+        with self.gate.job():
+            self._load_checked(path, name, pace=self.gate.slice)
 
     def unregister(self, name: str) -> None:
         """Forget `name`; a slot still used by running sequences is freed when they finish."""
@@ -108,6 +143,50 @@ class AdapterSlots:
         self._drop(name)
         del self.registered[name]
         self.soft_prompts.pop(name, None)
+        self.quarantined.pop(name, None)
+
+    # quarantine ---------------------------------------------------------------------------
+    def quarantine(self, name: str, reason: str) -> None:
+        """Refuse `name` until it is registered again: it leaves the host cache and its slot (a
+        slot still referenced is freed when its sequences are)."""
+        if name in self.registered:
+            self._drop(name)
+            self.quarantined[name] = reason
+
+    def check_servable(self, name: str) -> None:
+        """Raise AdapterQuarantined when `name` is quarantined."""
+        if name in self.quarantined:
+            raise self.quarantine_error(name)
+
+    def quarantine_error(self, name: str) -> AdapterQuarantined:
+        """The refusal of a request naming quarantined `name`, saying why and what to do."""
+        kind = "soft prompt" if self.kind(name) == "soft_prompt" else "adapter"
+        return AdapterQuarantined(f"{kind} {name!r} is quarantined: {self.quarantined[name]}. It is refused "
+                                  "until it is registered again with sound weights")
+
+    def problem(self, name: str) -> str | None:
+        """Why the values `name` holds now (its slot's pool entries, or its soft-prompt vectors) are
+        not servable, or None (also when it is not resident): the same checks as a read, on the
+        device copy, for merging and for finding what made a request go non-finite."""
+        try:
+            if self.kind(name) == "soft_prompt":
+                check_soft_prompt(self.soft_prompts[name].embeddings, self.norms.embedding_row,
+                                  f"soft prompt {name!r}")
+            elif name in self._slot_of:
+                self._check_slot(name, self._slot_of[name])
+        except AdapterValueError as exc:
+            return str(exc)
+        return None
+
+    def _check_slot(self, name: str, slot: int) -> None:
+        for proj, table in self.tables.items():
+            if slot not in table.entries:
+                continue
+            rank, entry = table.entries[slot]
+            for i, layer in enumerate(self.layers[proj]):
+                a_pool, b_pool = layer.pools[proj][rank]
+                check_update(a_pool[entry], b_pool[entry], self.norms.weights[(i, proj)],
+                             f"adapter {name!r}: {module_name(i, proj)}")
 
     def _drop(self, name: str) -> None:
         self._host.pop(name, None)
@@ -139,6 +218,7 @@ class AdapterSlots:
     def acquire(self, name: str) -> int | None:
         """Reference `name`'s slot, loading it first if needed; None while every slot is held by
         running sequences (one frees when they finish). Raises when no slot can ever free up."""
+        self.check_servable(name)
         slot = self._slot_of.get(name)
         if slot is None:
             if self.kind(name) != "lora":
@@ -150,6 +230,10 @@ class AdapterSlots:
             start = time.perf_counter()
             try:
                 self._load(name, slot)
+            except AdapterValueError as exc:  # its file holds bad values now: refuse it from here on
+                self.load_failures += 1
+                self.quarantine(name, f"reading it found: {exc}")
+                raise self.quarantine_error(name) from None
             except Exception:
                 self.load_failures += 1
                 raise
@@ -166,13 +250,11 @@ class AdapterSlots:
         is resident or host-cached, or its background read has finished (even with an error, which
         `acquire` then raises). Otherwise starts that read, if it is not running yet."""
         entry = self.registered.get(name)
-        if name in self._slot_of or name in self._host or entry is None or entry.kind != "lora":
+        if (name in self._slot_of or name in self._host or entry is None or entry.kind != "lora"
+                or name in self.quarantined):
             return True
         pending = self._reading.get(name)
         if pending is None or pending[0] != entry.path:
-            if self._reader is None:
-                self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-read",
-                                                  initializer=_one_omp_thread)
             if self.device.type == "cpu":
                 self._open_rank_classes(entry.summary.get("ranks", {}))
             future = self._reader.submit(self._read, entry.path, name)
@@ -185,7 +267,7 @@ class AdapterSlots:
         adapter, then fault in the pool entries it will likely take, so the engine's copy into
         them writes memory that is already there."""
         with self.gate.job():
-            adapter = load_adapter(path, name, self.base, self.max_rank, self.dtype, pace=self.gate.slice)
+            adapter = self._load_checked(path, name, pace=self.gate.slice)
             if self.device.type == "cpu" and isinstance(adapter, LoraAdapter):
                 self._prefault(adapter)
         return adapter
@@ -286,7 +368,7 @@ class AdapterSlots:
             if pending is not None and pending[0] == entry.path:
                 adapter = pending[1].result()  # raises what the read raised
             else:
-                adapter = load_adapter(entry.path, name, self.base, self.max_rank, self.dtype)
+                adapter = self._load_checked(entry.path, name)
             self._host[name] = adapter
             while len(self._host) > self.max_cpu_loras:
                 self._host.popitem(last=False)

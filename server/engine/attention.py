@@ -12,6 +12,14 @@ A step gives each sequence a chunk of positions (see `Chunk` in sequence.py). Th
 - mixed: decode rows as above, and chunk rows (queries continuing a cached prefix) whose keys,
   prefix and chunk, are gathered from the cache into a padded layout with a causal mask. The two
   groups run as separate SDPA calls: decode rows are never padded to the chunk length.
+
+Isolation: the cache layouts read whole blocks, so keys past a query's position are read too
+(masked). Those positions hold zeros, never another tenant's values: blocks are zeroed when taken
+and tables are padded with a block nothing writes (`BlockManager.pad_block`). A masked position
+must hold a finite value because masking cannot hide a non-finite one: SDPA adds the mask (-inf
+plus NaN is NaN) and multiplies the value by its zero weight (0 x inf is NaN). Zeroing at
+allocation costs a write of each block once per owner, instead of a `torch.where` over every
+gathered key and value in every layer of every step.
 """
 from __future__ import annotations
 
@@ -36,16 +44,17 @@ class PagedLayout:
     """Queries whose keys (their own included) are read from the cache: sequence b's queries are
     positions [start_b, start_b + len_b), padded to max_len rows."""
 
-    block_tables: torch.Tensor  # [B, max_blocks] long (padding points at block 0)
+    block_tables: torch.Tensor  # [B, max_blocks] long (padding points at the pad block, all zeros)
     mask: torch.Tensor  # [B, 1, max_len, max_blocks * block_size] bool: key j visible to query i iff j <= start_b + i
     max_len: int = 1
     token_index: torch.Tensor | None = None  # [Q] row of each query in the padded [B * max_len] layout; None if max_len 1
 
     @staticmethod
     def build(block_tables: list[list[int]], starts: list[int], lens: list[int], block_size: int,
-              device: torch.device) -> "PagedLayout":
+              device: torch.device, pad_block: int) -> "PagedLayout":
         width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+        tables = torch.tensor([t + [pad_block] * (width - len(t)) for t in block_tables], dtype=torch.long,
+                              device=device)
         max_len = max(lens)
         keys = torch.arange(width * block_size, device=device)
         if max_len == 1:
@@ -80,11 +89,11 @@ class AttentionMetadata:
     @staticmethod
     def for_decode(
         block_tables: list[list[int]], context_lens: list[int], block_size: int,
-        slot_mapping: torch.Tensor, device: torch.device,
+        slot_mapping: torch.Tensor, device: torch.device, pad_block: int,
     ) -> "AttentionMetadata":
         starts = [n - 1 for n in context_lens]
         return AttentionMetadata(slot_mapping, decode=PagedLayout.build(block_tables, starts, [1] * len(starts),
-                                                                        block_size, device))
+                                                                        block_size, device, pad_block))
 
     @staticmethod
     def for_mixed(

@@ -12,6 +12,14 @@ whole prefix (`prefix_hashes`: every token id up to the block's end, plus what e
 keys and values: the adapter and soft prompt, by registration). A block whose last holder frees
 it keeps its contents and stays findable until its memory is needed: fresh blocks come from
 never-registered ones first, then from cached ones, least recently freed first.
+
+Isolation: a block handed out again still holds its last owner's keys and values, and decode
+attention reads whole blocks, the positions past a sequence's end included (masked, but 0 x NaN
+is NaN whether the mask is added or applied). So every block taken is listed in `fresh`, and the
+model runner zeroes those before the next forward; block tables are padded with `pad_block`, one
+block past the last, which the cache holds but nothing writes. Positions a query must not see
+then hold zeros, whatever another tenant wrote there. A sequence whose values went non-finite
+has its blocks `forget`-ten first, so they never enter the prefix cache.
 """
 from __future__ import annotations
 
@@ -42,6 +50,8 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}  # registered block -> its prefix hash
         self._block_of: dict[bytes, int] = {}  # prefix hash -> registered block
         self._idle: OrderedDict[int, None] = OrderedDict()  # held by none, still cached; oldest first
+        self.pad_block = num_blocks  # padding in block tables: a block the cache holds and nothing writes
+        self.fresh: list[int] = []  # blocks taken since the runner last zeroed them
 
     @property
     def num_free(self) -> int:
@@ -68,7 +78,13 @@ class BlockManager:
             block, _ = self._idle.popitem(last=False)
             del self._block_of[self._hash_of.pop(block)]
         self._holders[block] = 1
+        self.fresh.append(block)
         return block
+
+    def take_fresh(self) -> list[int]:
+        """The blocks taken since the last call (their contents are a former owner's: zero them)."""
+        fresh, self.fresh = self.fresh, []
+        return fresh
 
     def share(self, blocks: list[int]) -> list[int]:
         """A new table starting with `blocks` (full blocks of another table), now held by both."""
@@ -109,6 +125,14 @@ class BlockManager:
         if prefix_hash not in self._block_of and block not in self._hash_of:
             self._block_of[prefix_hash] = block
             self._hash_of[block] = prefix_hash
+
+    def forget(self, table: list[int]) -> None:
+        """Take `table`'s blocks out of the prefix cache (its values went non-finite): freed, they
+        go back to the free list instead of waiting to be found."""
+        for block in table:
+            prefix_hash = self._hash_of.pop(block, None)
+            if prefix_hash is not None:
+                del self._block_of[prefix_hash]
 
     def needs_block(self, table: list[int], num_tokens: int) -> bool:
         """Whether holding `num_tokens` tokens takes one more block than `table` has."""

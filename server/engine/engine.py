@@ -7,6 +7,13 @@
         for out in engine.step(): ...                         # deltas per request
 
 Not thread-safe: one thread drives `step`; the server front hands requests over to it.
+
+Isolation (DESIGN.md): nothing one request does may change another's output. Adapter values are
+checked when registered and read (adapter_values.py); masked KV positions hold zeros
+(block_manager.py); and a request whose hidden state or logits go non-finite anyway fails alone
+with INTERNAL, in the step it happens (`_fail_non_finite`): its blocks leave the prefix cache,
+and the adapter or soft prompt that made it so is quarantined (refused with FAILED_PRECONDITION
+until registered again), never merged, and the requests waiting on it fail with it.
 """
 from __future__ import annotations
 
@@ -19,7 +26,9 @@ import torch
 from loraplex.kernels import get_lora_ops
 
 from . import loader
+from .adapter_errors import AdapterQuarantined
 from .adapter_slots import AdapterSlots, Registered
+from .adapter_values import AdapterValueError, BaseNorms
 from .adapters import AdapterError, BaseModelShape
 from .block_manager import BlockManager, prefix_hashes
 from .config import EngineConfig
@@ -31,7 +40,7 @@ from .model_runner import ModelRunner
 from .quantize import prepack_supported
 from .sampler import Sampler, TokenLogprob, make_generator, token_logprobs
 from .scheduler import Scheduler
-from .sequence import Request, RequestOutput, Sequence, Status
+from .sequence import Chunk, Request, RequestOutput, Sequence, Status
 
 
 class RequestError(ValueError):
@@ -67,6 +76,7 @@ class Engine:
         self.tokenizer = loader.load_tokenizer(self.model_path)
         self.max_model_len = self._context_limit()
         weights = loader.load_weights(self.model_path, self.dtype)
+        norms = BaseNorms.of(weights, self.spec.num_layers)  # before the model takes the weights over
         self.prepacked = self._prepack()
         self.model = CausalLM(self.spec, weights, config.quantize, self.device, self.max_model_len, self.prepacked)
         self.blocks = BlockManager(-(-config.max_total_tokens // config.block_size), config.block_size)
@@ -74,7 +84,7 @@ class Engine:
             BaseModelShape(self.spec.num_layers, self.spec.hidden_size, self.spec.projection_shapes(),
                            self.spec.name_or_path),
             self._projection_layers(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
-            self.dtype, self.device,
+            self.dtype, self.device, norms=norms,
         )
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens,
                                    config.chunk_tokens())
@@ -90,6 +100,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._seqs: dict[str, list[Sequence]] = {}  # request id -> its unfinished sequences (n per request)
+        self._newly_quarantined: set[str] = set()  # whose unfinished requests have yet to be failed
 
     def _prepack(self) -> bool:
         """Whether unquantized projections run on oneDNN-prepacked weights (see quantize.py)."""
@@ -115,9 +126,11 @@ class Engine:
         }
 
     # adapters --------------------------------------------------------------------------
-    def register_adapter(self, name: str, path: str) -> Registered:
-        """Validate and register a PEFT adapter (LoRA or soft prompt); raises AdapterError."""
-        return self.slots.register(name, path)
+    def register_adapter(self, name: str, path: str, values_checked: bool = False) -> Registered:
+        """Validate and register a PEFT adapter (LoRA or soft prompt); raises AdapterError. Its
+        values are read and checked (adapter_values.py) unless `values_checked`: the caller checked
+        this directory already (`slots.check_in_background`, or the registry that stored it did)."""
+        return self.slots.register(name, path, values_checked)
 
     def unregister_adapter(self, name: str, missing_ok: bool = False) -> None:
         """Forget `name` (running sequences finish on it first); KeyError if it is not registered,
@@ -133,16 +146,31 @@ class Engine:
     # merging ---------------------------------------------------------------------------
     def merge_adapter(self, name: str, static: bool = False) -> None:
         """Serve LoRA adapter `name` from merged copies of the layers it touches (see merging.py);
-        static: keep it merged (dynamic merging then leaves it alone)."""
+        static: keep it merged (dynamic merging then leaves it alone). An adapter whose values are not
+        servable (see `AdapterSlots.problem`) is refused and quarantined: merged, it would reach every
+        row of the batch."""
         if self.slots.kind(name) != "lora":
             raise AdapterError(f"cannot merge {name!r}: not a registered LoRA adapter")
+        self.slots.check_servable(name)
         if self.merged is not None:
             self.unmerge_adapter()
-        self._pinned_for_merge = name not in self.slots.pinned
+        pinned_here = name not in self.slots.pinned
         slot = self.slots.pin(name)
         entries = {proj: table.entries[slot] for proj, table in self.slots.tables.items() if slot in table.entries}
-        for layer in self.model.lora_layers():
-            layer.merged = build_merged(layer, entries, self.ops, self.dtype)
+        try:
+            problem = self.slots.problem(name)
+            if problem is not None:
+                raise AdapterValueError(problem)
+            copies = [build_merged(layer, entries, self.ops, self.dtype) for layer in self.model.lora_layers()]
+        except AdapterValueError as exc:
+            if pinned_here:
+                self.slots.unpin(name)
+            self._quarantine(name, f"it was to be merged, and {exc}")
+            raise AdapterQuarantined(f"cannot merge {name!r}: {exc}; it is quarantined until registered "
+                                     "again") from None
+        for layer, copy in zip(self.model.lora_layers(), copies):
+            layer.merged = copy
+        self._pinned_for_merge = pinned_here
         self.runner.merged_slot = slot
         self.runner.merged_rank = max(rank for rank, _ in entries.values())
         self.merged = name
@@ -163,13 +191,29 @@ class Engine:
         self.merge_switches += 1
 
     def _follow_merge_policy(self, running: list[Sequence]) -> None:
-        want = self.merge_policy.decide(self.merged, [s.adapter for s in running])
+        servable = [s.adapter for s in running if s.adapter not in self.slots.quarantined]
+        want = self.merge_policy.decide(self.merged, servable)
         if want == self.merged:
             return
         if want is None:
             self.unmerge_adapter()
-        else:
+            return
+        try:
             self.merge_adapter(want)
+        except AdapterQuarantined:  # its values were bad: quarantined, and its requests fail this step
+            pass
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        """Refuse `name` until it is registered again (unmerged first, if merged); its unfinished
+        requests fail at `_fail_quarantined`."""
+        if name in self.slots.quarantined or name not in self.slots.registered:
+            return
+        if name == self.merged:
+            self.unmerge_adapter()
+        if self.merge_policy.static == name:
+            self.merge_policy.static = None
+        self.slots.quarantine(name, reason)
+        self._newly_quarantined.add(name)
 
     # requests --------------------------------------------------------------------------
     def add_request(self, request: Request) -> str:
@@ -190,6 +234,7 @@ class Engine:
                            make_generator(params.seed_for(index)),
                            IncrementalDetokenizer(self.tokenizer, first.prompt_ids, tuple(params.stop)), index=index)
         sibling.leader = first
+        sibling.soft_prompt_name = first.soft_prompt_name
         sibling.prefix_hashes = first.prefix_hashes
         return sibling
 
@@ -213,6 +258,9 @@ class Engine:
             if self.slots.kind(request.soft_prompt) != "soft_prompt":
                 raise RequestError(f"unknown soft prompt {request.soft_prompt!r}")
             soft = self.slots.soft_prompts[request.soft_prompt].embeddings
+        for name in (request.adapter, request.soft_prompt):
+            if name is not None:
+                self.slots.check_servable(name)  # AdapterQuarantined: FAILED_PRECONDITION
         virtual = 0 if soft is None else soft.shape[0]
         room = self.max_model_len - virtual - len(prompt_ids)
         if request.fit_max_new_tokens and 1 <= room < request.params.max_new_tokens:
@@ -231,6 +279,7 @@ class Engine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, tuple(request.params.stop))
         seq = Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
                        make_generator(request.params.seed), detok)
+        seq.soft_prompt_name = request.soft_prompt
         if self.config.prefix_caching:
             key = self.slots.cache_key(request.adapter) + "|" + self.slots.cache_key(request.soft_prompt)
             full = (seq.num_prompt_positions - 1) // self.blocks.block_size  # the last position is computed
@@ -296,15 +345,18 @@ class Engine:
 
     def _step(self) -> tuple[list[RequestOutput], bool]:
         """-> (outputs, whether nothing could run)."""
+        outputs = self._fail_quarantined()  # a merge between steps found an adapter's values bad
         chunks, failed = self.scheduler.schedule()
-        outputs = [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
-        chunks = [c for c in chunks if c.seq.status is not Status.FINISHED]  # a sibling failed: the request is over
+        outputs += [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
+        chunks = _unfinished(chunks)  # a sibling failed: the request is over
+        if chunks and self.merge_policy.dynamic:
+            self._follow_merge_policy(self.scheduler.running)
+            outputs += self._fail_quarantined()  # the adapter it was to merge had bad values
+            chunks = _unfinished(chunks)
         if not chunks:
             return outputs, not outputs
-        if self.merge_policy.dynamic:
-            self._follow_merge_policy(self.scheduler.running)
-        logits, seqs = self.runner.run(chunks)
-        self.scheduler.computed(chunks)
+        logits, seqs, failures = self._forward(chunks)
+        outputs += failures
         if not seqs:  # every chunk stopped short of its sequence's end: nothing to sample
             return outputs, False
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -314,6 +366,76 @@ class Engine:
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
             outputs.append(self._advance(seq, token, logprobs.get(i)))
         return outputs, False
+
+    def _forward(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Sequence], list[RequestOutput]]:
+        """Run the step's chunks -> (logits, the sequences that sample, in the logits' row order,
+        failures). A sequence whose values went non-finite fails here, before `computed` could
+        enter its blocks into the prefix cache, and its rows leave the logits."""
+        logits, seqs = self.runner.run(chunks)
+        failures: list[RequestOutput] = []
+        if self.runner.non_finite:
+            failures = self._fail_non_finite(self.runner.non_finite) + self._fail_quarantined()
+            chunks = _unfinished(chunks)
+            rows = [i for i, s in enumerate(seqs) if s.status is not Status.FINISHED]
+            logits, seqs = logits[rows], [seqs[i] for i in rows]
+        self.scheduler.computed(chunks)
+        return logits, seqs, failures
+
+    def _fail_non_finite(self, failing: list[Sequence]) -> list[RequestOutput]:
+        """Fail each sequence whose values went non-finite in this step, alone (INTERNAL), and
+        quarantine what it applied that is to blame (see `_blame`)."""
+        outputs = []
+        for seq in failing:
+            if seq.status is Status.FINISHED:  # a sibling failed first: the request is over
+                continue
+            blamed = self._blame(seq)
+            out = self._fail(seq, self._non_finite_error(seq, blamed), "INTERNAL")
+            outputs += [out] if out is not None else []
+            for name, problem in blamed.items():
+                self._quarantine(name, f"request {seq.request_id!r} on it went non-finite"
+                                       + (f" ({problem})" if problem else ""))
+        return outputs
+
+    def _blame(self, seq: Sequence) -> dict[str, str | None]:
+        """What `seq` applied (adapter, soft prompt) -> what is wrong with its values, if anything is
+        found. When neither is found at fault, both are blamed: they produced the values."""
+        named = [n for n in (seq.adapter, seq.soft_prompt_name) if n is not None]
+        problems = {n: self.slots.problem(n) for n in named}
+        found = {n: p for n, p in problems.items() if p is not None}
+        return found or problems
+
+    @staticmethod
+    def _non_finite_error(seq: Sequence, blamed: dict[str, str | None]) -> str:
+        applied = " and ".join(f"{'soft prompt' if n == seq.soft_prompt_name else 'adapter'} {n!r}" for n in blamed)
+        what = f"with {applied}" if applied else "on the base model alone"
+        then = (f"; quarantined until registered again: {applied}" if applied
+                else "; no adapter was involved: check the model's weights")
+        found = "; ".join(p for p in blamed.values() if p)
+        return (f"request {seq.request_id!r} failed: its hidden state or logits went non-finite (NaN, inf, or too "
+                f"large for the model's norm) {what}; the other requests are unaffected{then}"
+                + (f". Found: {found}" if found else ""))
+
+    def _fail_quarantined(self) -> list[RequestOutput]:
+        """Fail (FAILED_PRECONDITION) the unfinished requests on what was quarantined since the last call."""
+        if not self._newly_quarantined:
+            return []
+        names, self._newly_quarantined = self._newly_quarantined, set()
+        outputs = []
+        for group in list(self._seqs.values()):
+            name = next((n for n in (group[0].adapter, group[0].soft_prompt_name) if n in names), None)
+            if name is not None:
+                error = str(self.slots.quarantine_error(name))
+                out = self._fail(group[0], error, AdapterQuarantined.status)
+                outputs += [out] if out is not None else []
+        return outputs
+
+    def _fail(self, seq: Sequence, error: str, code: str) -> RequestOutput | None:
+        """Fail `seq`'s whole request now: the blocks of its sequences leave the prefix cache (their
+        values may be bad) and are freed."""
+        for member in self._seqs.get(seq.request_id, [seq]):
+            self.blocks.forget(member.block_table)
+        self.scheduler.finish(seq)
+        return self._failure(seq, error, code)
 
     def _failure(self, seq: Sequence, error: str, code: str) -> RequestOutput | None:
         """A sequence the scheduler could not run fails its whole request (None: already failed)."""
@@ -430,3 +552,8 @@ class Engine:
                 elif out.finish_reason is not None:
                     completion.finish_reason = out.finish_reason
         return results
+
+
+def _unfinished(chunks: list[Chunk]) -> list[Chunk]:
+    """The chunks whose sequence has not finished (failed) since they were scheduled."""
+    return [c for c in chunks if c.seq.status is not Status.FINISHED]

@@ -21,6 +21,7 @@ from types import ModuleType
 
 import torch
 
+from .adapter_values import AdapterValueError
 from .lora_batch import LoraBatch
 from .lora_layer import LoraLinear
 from .quantize import DenseLinear, dense_weight, layer_bias
@@ -55,7 +56,8 @@ def merge_mode(num_merged: int, num_other: int, rank: int, quantized: bool) -> s
 def build_merged(layer: LoraLinear, slot_entries: dict[str, tuple[int, int]], ops: ModuleType,
                  dtype: torch.dtype) -> DenseLinear | None:
     """The merged copy of one (possibly fused) layer for the adapter whose pool entries are
-    `slot_entries` (projection -> (rank, entry)); None when it leaves this layer alone."""
+    `slot_entries` (projection -> (rank, entry)); None when it leaves this layer alone. Raises
+    AdapterValueError when the copy is not finite (a merged adapter reaches every row)."""
     touched = []
     for name, (col, out) in layer.slices.items():
         if name not in slot_entries:
@@ -72,6 +74,8 @@ def build_merged(layer: LoraLinear, slot_entries: dict[str, tuple[int, int]], op
     merged.copy_(base)
     for col, out, a, b in touched:
         ops.merge(base[col : col + out], a, b, 1.0, merged[col : col + out])  # scale is folded into b
+    if not bool(torch.isfinite(merged).all()):  # every row of a batch would read it
+        raise AdapterValueError(f"its merged weight W + scale·B·A is not finite in {dtype}")
     bias = layer_bias(layer.base)
     prepack = isinstance(layer.base, DenseLinear) and layer.base.packed is not None
     return DenseLinear(merged, None if bias is None else bias.to(dtype), prepack)

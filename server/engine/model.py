@@ -4,6 +4,11 @@ Tokens of all sequences in a step are flattened into one [T, hidden] batch. Per 
 base projections run once for the whole batch (q/k/v fused, gate/up fused) and every token
 adds its own adapter's low-rank update (`LoraLinear`). Soft-prompt vectors replace the
 embeddings of their virtual positions.
+
+The forward pass also says which rows stayed finite (`finite_rows`): every row of the final
+hidden state, and the logits of the rows that have them. A row is a token of one sequence, and
+nothing mixes rows except attention within a sequence (masked positions hold zeros, see
+attention.py), so a row that went non-finite fails only its own sequence (engine.py).
 """
 from __future__ import annotations
 
@@ -117,8 +122,10 @@ class CausalLM(nn.Module):
     def lora_layers(self) -> list[LoraLinear]:
         return [p for layer in self.layers for p in layer.proj.values()]
 
-    def forward(self, batch: ForwardBatch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], ops: ModuleType) -> torch.Tensor:
-        """-> logits [R, vocab] (float32) for batch.logit_rows."""
+    def forward(self, batch: ForwardBatch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], ops: ModuleType
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits [R, vocab] float32 for batch.logit_rows, finite [T] bool: per row, whether its
+        final hidden state and (for logit rows) its logits are finite, see `finite_rows`)."""
         h = self.embed.index_select(0, batch.input_ids)
         if batch.soft_rows is not None:
             h.index_copy_(0, batch.soft_rows, batch.soft_vectors.to(h.dtype))
@@ -126,8 +133,19 @@ class CausalLM(nn.Module):
         sin = self.sin.index_select(0, batch.positions)[:, None, :]
         for layer, kv in zip(self.layers, kv_cache):
             h = layer(h, cos, sin, batch, kv, ops)
+        finite = finite_rows(h)
         h = rms_norm(h.index_select(0, batch.logit_rows), self.norm, self.spec.rms_norm_eps)
-        return self.lm_head(h).float()
+        logits = self.lm_head(h).float()
+        finite[batch.logit_rows] &= torch.isfinite(logits.sum(-1))  # NaN or ±inf anywhere in the row
+        return logits, finite
+
+
+def finite_rows(h: torch.Tensor) -> torch.Tensor:
+    """h [T, D] -> [T] bool: whether each row's sum of squares is finite in float32. That is what
+    RMSNorm divides by: False for NaN and inf, and for values so large (|h| ~ 1e19) that the norm
+    overflows and quietly returns zeros instead of the row's direction."""
+    hf = h.float()
+    return torch.isfinite(torch.linalg.vecdot(hf, hf))
 
 
 def _build_layer(spec: ModelSpec, weights: dict[str, torch.Tensor], i: int, quantize: str, device: torch.device,

@@ -4,6 +4,11 @@ Chunks are ordered by adapter slot inside the step so each adapter's rows are on
 segment. A step of decodes only takes the cheap path (`_decode_batch`, its LoRA grouping reused
 while the batch keeps its make-up); any other step is built by `_chunk_batch`. Logits come only
 for chunks that reach their sequence's end (those sample a token).
+
+Before each forward the runner zeroes the KV blocks taken since the last one (see
+block_manager.py: masked positions must hold zeros, not a former owner's values). After it,
+`non_finite` lists the sequences with a row whose hidden state or logits went non-finite: the
+engine fails those alone, before their blocks can enter the prefix cache.
 """
 from __future__ import annotations
 
@@ -33,8 +38,10 @@ class ModelRunner:
         self.merged_rank = 0
         self.quantized = False
         self.last_merge_mode: str | None = None  # how the last step used the merged copies
+        self.non_finite: list[Sequence] = []  # sequences with a non-finite row in the last `run`
         spec = model.spec
-        shape = (blocks.num_blocks, blocks.block_size, spec.num_kv_heads, spec.head_dim)
+        # one block more than the manager hands out: the pad block, zeros for good
+        shape = (blocks.num_blocks + 1, blocks.block_size, spec.num_kv_heads, spec.head_dim)
         self.kv_cache = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(spec.num_layers)
@@ -49,16 +56,37 @@ class ModelRunner:
             batch = self._decode_batch([c.seq for c in ordered])
         else:
             batch = self._chunk_batch(ordered)
-        return self.model(batch, self.kv_cache, self.ops), [c.seq for c in ordered if c.samples]
+        self._zero_fresh_blocks()
+        logits, finite = self.model(batch, self.kv_cache, self.ops)
+        self.non_finite = [] if bool(finite.all()) else self._failing(ordered, finite)
+        return logits, [c.seq for c in ordered if c.samples]
 
     @torch.inference_mode()
     def run_all_positions(self, seqs: list[Sequence]) -> torch.Tensor:
         """A prefill returning logits [sum of positions, vocab] for every position, in `seqs` order."""
         ordered = sorted(seqs, key=lambda s: s.slot)
         batch = self._chunk_batch([Chunk(s, 0, s.num_tokens) for s in ordered], all_logits=True)
-        logits = self.model(batch, self.kv_cache, self.ops)
+        self._zero_fresh_blocks()
+        logits, _ = self.model(batch, self.kv_cache, self.ops)
         per_seq = dict(zip((id(s) for s in ordered), logits.split([s.num_tokens for s in ordered])))
         return torch.cat([per_seq[id(s)] for s in seqs])
+
+    def _zero_fresh_blocks(self) -> None:
+        """Zero, in every layer, the KV blocks taken since the last forward: one call for all of
+        them (a decode step takes a block per sequence every block_size steps)."""
+        fresh = self.blocks.take_fresh()
+        if fresh:
+            torch._foreach_zero_([cache[block] for kv in self.kv_cache for cache in kv for block in fresh])
+
+    @staticmethod
+    def _failing(chunks: list[Chunk], finite: torch.Tensor) -> list[Sequence]:
+        """The sequences of `chunks` (rows in that order) with a row that is not `finite`."""
+        flags, row, failing = finite.tolist(), 0, []
+        for c in chunks:
+            if not all(flags[row:row + c.length]):
+                failing.append(c.seq)
+            row += c.length
+        return failing
 
     def _slot(self, seq: Sequence, position: int) -> int:
         """Flat cache row (block * block_size + offset) of `position` of `seq`."""
@@ -124,7 +152,7 @@ class ModelRunner:
             return None
         tables = [c.seq.block_table[:self.blocks.blocks_for(c.end)] for c in chunks]
         return PagedLayout.build(tables, [c.start for c in chunks], [c.length for c in chunks],
-                                 self.blocks.block_size, self.device)
+                                 self.blocks.block_size, self.device, self.blocks.pad_block)
 
     def _decode_batch(self, seqs: list[Sequence]) -> ForwardBatch:
         dev = self.device
@@ -135,7 +163,8 @@ class ModelRunner:
             input_ids=torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attn=AttentionMetadata.for_decode(
-                [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, slot_mapping, dev
+                [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, slot_mapping, dev,
+                self.blocks.pad_block,
             ),
             lora=self._decode_lora_batch(self._lora_slots(seqs)),
             merge=self._merge_step(seqs, [1] * len(seqs)),

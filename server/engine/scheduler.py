@@ -40,13 +40,14 @@ from __future__ import annotations
 from collections import deque
 
 from .adapter_slots import AdapterSlots
-from .adapter_errors import SlotsExhausted
+from .adapter_errors import AdapterQuarantined, SlotsExhausted
 from .adapters import AdapterError
 from .block_manager import BlockManager
 from .sequence import Chunk, Sequence, Status
 
 AUTO_PREFILL_EXTRA_TOKENS = 16
-Failure = tuple[Sequence, str, str]  # (sequence, message, status name: RESOURCE_EXHAUSTED or INTERNAL)
+# (sequence, message, status name: RESOURCE_EXHAUSTED, FAILED_PRECONDITION or INTERNAL)
+Failure = tuple[Sequence, str, str]
 
 
 class Scheduler:
@@ -183,6 +184,10 @@ class Scheduler:
         is held (it waits), or when the adapter cannot be loaded (it fails, recorded in `failed`)."""
         try:
             slot = self.slots.acquire(seq.adapter)
+        except AdapterQuarantined as exc:  # found bad (now or before): refused, not a load failure
+            seq.status = Status.FINISHED
+            failed.append((seq, str(exc), exc.status))
+            return False
         except (AdapterError, OSError) as exc:
             seq.status = Status.FINISHED
             code = "RESOURCE_EXHAUSTED" if isinstance(exc, SlotsExhausted) else "INTERNAL"

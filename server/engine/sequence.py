@@ -75,6 +75,7 @@ class Sequence:
         self.params = params
         self.adapter = adapter
         self.soft_prompt = soft_prompt  # [num_virtual, hidden] or None
+        self.soft_prompt_name: str | None = None  # the registered name of `soft_prompt`
         self.generator = generator
         self.detokenizer = detokenizer
         self.output_ids: list[int] = []
