@@ -2,7 +2,9 @@
 
 The registry (`adapters_store`) is the source of truth; the engine knows every registered
 version under its exact name "name@version". Registering validates against the served base
-model before anything becomes visible.
+model before anything becomes visible: the header and config, and the values (finite, and not
+absurd for the base: see `adapter_values.py`), read on the engine's adapter-reader thread so no
+other thread starts torch work of its own.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from google.protobuf import json_format
 from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.names import parse_ref, validate_file_name, validate_name
 from loraplex.adapters_store.records import AdapterRecord, EndpointRecord
+from loraplex.server.engine.adapter_errors import AdapterQuarantined
 from loraplex.server.engine.adapters import AdapterError, inspect_adapter, read_adapter_config
 from loraplex.server.engine.engine import Engine
 from loraplex.v1 import admin_pb2 as pb
@@ -41,21 +44,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     def engine(self) -> Engine:
         return self.state.engine_loop.engine
 
-    def validator(self, shown: str):
+    def validator(self, shown: str, name: str):
         """The store's validation callback: the engine's checks, against the served model. The store
         validates its own staging copy; messages name what the operator sent (`shown`) instead."""
 
         def validate(directory: Path) -> dict:
             try:
-                return self._summary(directory)
+                return self._summary(directory, name)
             except AdapterError as exc:
                 raise AdapterError(str(exc).replace(str(directory), shown)) from None
 
         return validate
 
-    def _summary(self, directory: Path) -> dict:
+    def _summary(self, directory: Path, name: str) -> dict:
         engine = self.engine
         summary = inspect_adapter(directory, engine.slots.base, engine.config.max_lora_rank)
+        engine.slots.check_in_background(directory, name).result()  # the values; raises AdapterError
         summary["base_model"] = read_adapter_config(directory).get("base_model_name_or_path") or ""
         template = directory / TEMPLATE_FILE
         if template.is_file():
@@ -89,7 +93,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def _publish(self, context, fn, *args) -> pb.AdapterInfo:
         record = await self._guard(context, fn, *args)
         local = await asyncio.to_thread(self.state.store.local_dir, record)
-        await self.state.engine_loop.call(lambda e: e.register_adapter(record.ref, str(local)))
+        # its values were checked by the validator, before the registry stored it
+        await self.state.engine_loop.call(lambda e: e.register_adapter(record.ref, str(local), values_checked=True))
         self.state.metrics.registered.inc()
         return await self._info(record)
 
@@ -99,7 +104,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not request.path or not path.is_dir():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no directory {request.path!r} on the server")
         return await self._publish(context, self.state.store.publish_dir, request.name, path,
-                                   self.validator(request.path))
+                                   self.validator(request.path, request.name))
 
     async def UploadAdapter(self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context) -> pb.AdapterInfo:
         first = await anext(aiter(request_iterator), None)
@@ -136,7 +141,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 for f in files.values():
                     f.close()
             return await self._publish(context, self.state.store.publish, name, staged,
-                                       self.validator(f"upload {name!r}"))
+                                       self.validator(f"upload {name!r}", name))
 
     async def GetAdapter(self, request: pb.AdapterRef, context) -> pb.AdapterInfo:
         return await self._info(await self._guard(context, self.state.store.get, request.name))
@@ -163,6 +168,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{record.ref} is a soft prompt: always resident")
         try:
             await self.state.engine_loop.call(lambda e: e.slots.pin(record.ref))
+        except AdapterQuarantined as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except AdapterError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return await self._info(record)

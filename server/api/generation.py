@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from loraplex.adapters_store.errors import StoreError
+from loraplex.server.engine.adapter_errors import AdapterQuarantined
 from loraplex.server.engine.adapters import AdapterError
 from loraplex.server.engine.engine import RequestError
 from loraplex.server.engine.sequence import RequestOutput
@@ -54,6 +55,9 @@ async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tupl
         request_id = resolved.request.request_id
         while True:
             item = await outputs.get()
+            if isinstance(item, AdapterQuarantined):  # well formed, but what it names is refused for now
+                request_id = None
+                raise ApiError(item.status, str(item))
             if isinstance(item, (RequestError, AdapterError)):
                 request_id = None
                 raise ApiError("INVALID_ARGUMENT", str(item))

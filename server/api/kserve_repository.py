@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from loraplex.adapters_store.errors import StoreError
+from loraplex.server.engine.adapter_errors import AdapterQuarantined
 from loraplex.server.engine.adapters import AdapterError
 from loraplex.v1 import kserve_v2_pb2 as pb
 
@@ -98,5 +99,7 @@ async def _pin(state: ServerState, ref: str) -> None:
 
     try:
         await state.engine_loop.call(pin)
+    except AdapterQuarantined as exc:
+        raise ApiError(exc.status, str(exc)) from None
     except AdapterError as exc:  # every slot is pinned or in use
         raise ApiError("RESOURCE_EXHAUSTED", str(exc)) from None

@@ -96,6 +96,8 @@ def _report_refused(ref: str, exc: Exception) -> str:
 
 def _register(engine, ref: str, path: str) -> None:
     """Register `ref` with the engine, logging its base-model mismatch (once per version, however
-    often it is loaded later)."""
-    entry = engine.register_adapter(ref, path)
+    often it is loaded later). Its values were checked when it was published (reading every stored
+    adapter again would stall start-up and the engine thread); each read for a slot checks them
+    again and quarantines a version that fails."""
+    entry = engine.register_adapter(ref, path, values_checked=True)
     report_base_model(ref, path, entry.summary.get("warnings", []))
