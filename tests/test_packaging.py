@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -90,8 +91,10 @@ def unpacked_wheel(tmp_path_factory) -> Path:
     """loraplex's wheel, built from this checkout and unpacked (a wheel's install is its unpacking,
     plus metadata and scripts that these imports do not use)."""
     out = tmp_path_factory.mktemp("wheel")
+    source = out / "source"  # a copy, so setuptools' build/ and egg-info never land in the checkout
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                            "--wheel-dir", str(out / "dist"), str(REPO)],
+                            "--wheel-dir", str(out / "dist"), str(source)],
                            capture_output=True, text=True, timeout=300, cwd=out)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (out / "dist").glob("loraplex-*.whl")
