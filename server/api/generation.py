@@ -13,8 +13,7 @@ import time
 from collections.abc import AsyncIterator
 
 from loraplex.adapters_store.errors import StoreError
-from loraplex.server.engine.adapter_errors import AdapterQuarantined
-from loraplex.server.engine.adapters import AdapterError
+from loraplex.server.engine.adapter_errors import AdapterError, AdapterQuarantined
 from loraplex.server.engine.engine import RequestError
 from loraplex.server.engine.sequence import RequestOutput
 

@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 
 from loraplex.adapters_store.errors import StoreError
-from loraplex.server.engine.adapter_errors import AdapterQuarantined
-from loraplex.server.engine.adapters import AdapterError
+from loraplex.server.engine.adapter_errors import AdapterError, AdapterQuarantined
 from loraplex.v1 import kserve_v2_pb2 as pb
 
 from .generate_request import ApiError, store_error

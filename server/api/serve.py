@@ -106,7 +106,7 @@ async def _build(args: argparse.Namespace, stack: contextlib.AsyncExitStack):
     """The store, the engine (on its own thread) with the stored adapters restored, and the ServerState."""
     from loraplex.adapters_store.errors import StoreError
     from loraplex.adapters_store.store import AdapterStore
-    from loraplex.server.engine.adapters import AdapterError
+    from loraplex.server.engine.adapter_errors import AdapterError
     from loraplex.server.engine.cli_args import engine_config
     from loraplex.server.engine.engine import Engine
 

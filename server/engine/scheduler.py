@@ -40,8 +40,7 @@ from __future__ import annotations
 from collections import deque
 
 from .adapter_slots import AdapterSlots
-from .adapter_errors import AdapterQuarantined, SlotsExhausted
-from .adapters import AdapterError
+from .adapter_errors import AdapterError, AdapterQuarantined, SlotsExhausted
 from .block_manager import BlockManager
 from .sequence import Chunk, Sequence, Status
 

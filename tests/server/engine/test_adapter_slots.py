@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loraplex.server.engine import adapter_slots as adapter_slots_module
-from loraplex.server.engine.adapters import AdapterError, load_adapter
+from loraplex.server.engine.adapter_errors import AdapterError
+from loraplex.server.engine.adapters import load_adapter
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.sampler import SamplingParams
