@@ -109,14 +109,15 @@ def write_json(path: Path, data: dict) -> None:
 
 def module_path(layer: int, proj: str) -> str:
     """PEFT's key prefix of one projection of a Llama-family layer."""
-    block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-    return f"base_model.model.model.layers.{layer}.{block}.{proj}"
+    from loraplex.server.engine.adapter_format import module_name
+
+    return f"base_model.model.{module_name(layer, proj)}"
 
 
 @functools.lru_cache(maxsize=4)
 def base_shape(model_dir: Path):
     """The served model's projection shapes (a `BaseModelShape`)."""
-    from loraplex.server.engine.adapters import BaseModelShape
+    from loraplex.server.engine.adapter_format import BaseModelShape
     from loraplex.server.engine.loader import load_config
 
     return BaseModelShape.from_hf_config(load_config(model_dir), str(model_dir))

@@ -19,9 +19,10 @@ from google.protobuf import json_format
 from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.names import parse_ref, validate_file_name, validate_name
 from loraplex.adapters_store.records import AdapterRecord, EndpointRecord
-from loraplex.server.engine.adapter_errors import AdapterQuarantined
-from loraplex.server.engine.adapters import AdapterError, inspect_adapter, read_adapter_config
+from loraplex.server.engine.adapter_errors import AdapterError, AdapterQuarantined
+from loraplex.server.engine.adapters import inspect_adapter
 from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.peft_config import read_adapter_config
 from loraplex.v1 import admin_pb2 as pb
 from loraplex.v1 import admin_pb2_grpc
 from loraplex.v1 import inference_pb2

@@ -23,7 +23,7 @@ import logging
 from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.store import AdapterStore
 from loraplex.server.engine.adapter_errors import AdapterError
-from loraplex.server.engine.adapters import report_base_model
+from loraplex.server.engine.peft_config import report_base_model
 
 from .server_state import ServerState
 

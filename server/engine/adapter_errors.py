@@ -1,8 +1,8 @@
 """The one error every adapter check raises, and the small value tests those checks share.
 
-:class:`AdapterError` is defined here only; :mod:`.adapters`, :mod:`.peft_config` and
-:mod:`.safetensors_header` all import it, so ``except AdapterError`` catches a refusal from any
-of them.
+:class:`AdapterError` is defined here only, and every module that raises or catches it (the
+validators :mod:`.adapters`, :mod:`.peft_config` and :mod:`.safetensors_file`, the engine, the
+fronts) imports it from here, so ``except AdapterError`` catches a refusal from any of them.
 """
 
 from __future__ import annotations

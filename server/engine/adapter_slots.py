@@ -31,15 +31,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter_errors import AdapterQuarantined, SlotsExhausted
-from .adapter_values import (AdapterValueError, BaseNorms, check_soft_prompt, check_update, check_values,
-                             module_name)
-from .adapters import (AdapterError, BaseModelShape, LoraAdapter, Pace, SoftPrompt, inspect_adapter, load_adapter,
-                       slices_of)
+from .adapter_errors import AdapterError, AdapterQuarantined, SlotsExhausted
+from .adapter_format import BaseModelShape, module_name
+from .adapter_values import AdapterValueError, BaseNorms, check_soft_prompt, check_update, check_values
+from .adapters import LoraAdapter, SoftPrompt, inspect_adapter, load_adapter
 from .interleave import Interleaver
 from .lora_batch import RankTable
 from .lora_layer import LoraLinear, store
 from .prefault import populate
+from .safetensors_file import Pace, slices_of
 
 
 _registrations = itertools.count()

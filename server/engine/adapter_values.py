@@ -35,11 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from .adapter_errors import AdapterError
-from .adapters import PROJECTIONS, LoraAdapter, SoftPrompt, slices_of
+from .adapter_format import PROJECTIONS, module_name, weight_key
+from .adapters import LoraAdapter, SoftPrompt
+from .safetensors_file import slices_of
 
 MAX_UPDATE_RATIO = 100.0
 MAX_SOFT_PROMPT_RATIO = 100.0
-_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 class AdapterValueError(AdapterError):
@@ -59,7 +60,7 @@ class BaseNorms:
         norms = {}
         for layer in range(num_layers):
             for proj in PROJECTIONS:
-                w = weights[f"{module_name(layer, proj)}.weight"]
+                w = weights[weight_key(layer, proj)]
                 norms[(layer, proj)] = float(torch.linalg.vector_norm(w, dtype=torch.float32))
         embed = weights["model.embed_tokens.weight"]
         row = float(torch.linalg.vector_norm(embed, dim=-1, dtype=torch.float32).max())
@@ -81,11 +82,6 @@ def check_values(adapter: LoraAdapter | SoftPrompt, norms: BaseNorms,
             for (layer, proj), (a, b) in group:
                 scale = adapter.scales.get((layer, proj))
                 check_update(a, b, norms.weights[(layer, proj)], f"{where}: {module_name(layer, proj)}", scale)
-
-
-def module_name(layer: int, proj: str) -> str:
-    """PEFT's name of the module (model.layers.3.self_attn.q_proj), as error messages give it."""
-    return f"model.layers.{layer}.{'mlp' if proj in _MLP else 'self_attn'}.{proj}"
 
 
 def check_update(a: torch.Tensor, b: torch.Tensor, base_norm: float, what: str, scale: float | None = None) -> None:

@@ -11,9 +11,10 @@ single tensor is read, so a registry can vet an upload cheaply (:func:`inspect_a
 engine never half-loads a bad adapter (:func:`load_adapter` runs the same checks first). Every
 refusal is an :class:`AdapterError` naming the adapter path and the offending thing.
 
-The work is split three ways: :mod:`.peft_config` reads the config and applies the PEFT config
-rules, :mod:`.safetensors_header` parses and checks the weights file's header, and this module
-matches the tensors against the base model, plans each module and reads the tensors.
+The work is split four ways: :mod:`.peft_config` reads the config and applies the PEFT config
+rules, :mod:`.adapter_format` names the projections, their blocks and keys and the base model's
+shapes, :mod:`.safetensors_file` checks the weights file's header and reads its tensors, and this
+module matches the tensors against the base model and plans each module.
 :func:`read_adapter_config` and :func:`adapter_kind` are re-exported from here.
 
 Pickled weights (``.bin``, ``.pt``, ...) are refused and never unpickled: nothing here calls
@@ -26,22 +27,16 @@ maths must fail loudly, not serve subtly wrong outputs.
 
 from __future__ import annotations
 
-import ctypes
-import json
-import logging
 import os
-import re
-import struct
-import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
-from .adapter_errors import AdapterError, is_int
+from .adapter_errors import AdapterError
+from .adapter_format import BLOCK_OF, LORA_KEY, PROJECTIONS, BaseModelShape, module_name
 from .peft_config import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -53,96 +48,29 @@ from .peft_config import (
     lora_scale,
     pattern_value,
     read_adapter_config,
+    report_base_model,
 )
-from .safetensors_header import FLOAT_DTYPES, FLOAT_ITEMSIZE, TensorInfo, read_header
+from .safetensors_file import Pace, TensorInfo, read_header, read_tensors, slices_of
 
 __all__ = [
-    "PROJECTIONS",
-    "AdapterError",
-    "BaseModelShape",
     "LoraAdapter",
     "SoftPrompt",
     "read_adapter_config",
     "adapter_kind",
     "inspect_adapter",
     "load_adapter",
-    "report_base_model",
 ]
 
-log = logging.getLogger("loraplex.adapters")
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 DEFAULT_MAX_BYTES = 4 * 1024**3
-# Bytes read (or scaled) per piece of a paced load: a few milliseconds of work.
-READ_SLICE_BYTES = 1024**2
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_BLOCK_OF = {
-    "q_proj": "self_attn",
-    "k_proj": "self_attn",
-    "v_proj": "self_attn",
-    "o_proj": "self_attn",
-    "gate_proj": "mlp",
-    "up_proj": "mlp",
-    "down_proj": "mlp",
-}
 
 PathLike = Union[str, os.PathLike]
-Pace = Callable[[], AbstractContextManager]  # `with pace():` around each piece of a load
 
 
 # --------------------------------------------------------------------------------------------
 # Public data types
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BaseModelShape:
-    """What an adapter must fit: layer count, hidden size and each projection's weight shape.
-
-    ``projection_shapes[proj]`` is ``(out_features, in_features)``, the shape of the base
-    ``nn.Linear`` weight, for every name in :data:`PROJECTIONS`.
-    """
-
-    num_layers: int
-    hidden_size: int
-    projection_shapes: dict[str, tuple[int, int]]
-    name_or_path: str = ""
-
-    def __post_init__(self) -> None:
-        missing = [p for p in PROJECTIONS if p not in self.projection_shapes]
-        if missing:
-            raise ValueError(f"BaseModelShape.projection_shapes lacks {missing}")
-        for proj in PROJECTIONS:
-            shape = tuple(self.projection_shapes[proj])
-            if len(shape) != 2 or not all(is_int(d) and d > 0 for d in shape):
-                raise ValueError(f"BaseModelShape.projection_shapes[{proj!r}] = {shape!r} is not (out, in)")
-        if not (is_int(self.num_layers) and self.num_layers > 0):
-            raise ValueError(f"BaseModelShape.num_layers must be a positive int, got {self.num_layers!r}")
-        if not (is_int(self.hidden_size) and self.hidden_size > 0):
-            raise ValueError(f"BaseModelShape.hidden_size must be a positive int, got {self.hidden_size!r}")
-
-    @classmethod
-    def from_hf_config(cls, config: Any, name_or_path: str | None = None) -> "BaseModelShape":
-        """Shape of a Llama-family model from its ``transformers`` config (LlamaConfig and kin)."""
-        hidden = int(config.hidden_size)
-        heads = int(config.num_attention_heads)
-        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
-        inter = int(config.intermediate_size)
-        shapes = {
-            "q_proj": (heads * head_dim, hidden),
-            "k_proj": (kv_heads * head_dim, hidden),
-            "v_proj": (kv_heads * head_dim, hidden),
-            "o_proj": (hidden, heads * head_dim),
-            "gate_proj": (inter, hidden),
-            "up_proj": (inter, hidden),
-            "down_proj": (hidden, inter),
-        }
-        if name_or_path is None:
-            name_or_path = getattr(config, "_name_or_path", "") or ""
-        return cls(int(config.num_hidden_layers), hidden, shapes, name_or_path)
 
 
 @dataclass
@@ -218,22 +146,12 @@ def _weights_path(directory: Path, where: str) -> Path:
 # LoRA tensor names and shapes
 # --------------------------------------------------------------------------------------------
 
-_LORA_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<block>[A-Za-z_]\w*)\.(?P<proj>[A-Za-z_]\w*)"
-    r"\.lora_(?P<ab>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$"
-)
-
-
 @dataclass
 class _ModulePlan:
     key_a: str
     key_b: str
     rank: int
     scale: float
-
-
-def _module_name(layer: int, proj: str) -> str:
-    return f"model.layers.{layer}.{_BLOCK_OF[proj]}.{proj}"
 
 
 def _refuse_key(key: str, where: str) -> AdapterError:
@@ -259,7 +177,7 @@ def _group_lora_keys(
     """Map each tensor name onto (layer, proj) -> {"A": name, "B": name}, refusing anything else."""
     modules: dict[tuple[int, str], dict[str, str]] = {}
     for key in sorted(tensors):
-        match = _LORA_KEY.match(key)
+        match = LORA_KEY.match(key)
         if match is None:
             raise _refuse_key(key, where)
         layer, block, proj = int(match["layer"]), match["block"], match["proj"]
@@ -268,8 +186,8 @@ def _group_lora_keys(
                 f"{where}: tensor {key!r} targets {proj}, which is not one of the projections loraplex adapts "
                 f"({', '.join(PROJECTIONS)})"
             )
-        if block != _BLOCK_OF[proj]:
-            raise AdapterError(f"{where}: tensor {key!r}: {proj} belongs under {_BLOCK_OF[proj]}, not {block}")
+        if block != BLOCK_OF[proj]:
+            raise AdapterError(f"{where}: tensor {key!r}: {proj} belongs under {BLOCK_OF[proj]}, not {block}")
         if layer >= base.num_layers:
             raise AdapterError(
                 f"{where}: tensor {key!r} targets layer {layer}, but the base model has {base.num_layers} layers"
@@ -277,7 +195,7 @@ def _group_lora_keys(
         slot = modules.setdefault((layer, proj), {})
         if match["ab"] in slot:
             raise AdapterError(
-                f"{where}: {_module_name(layer, proj)} has two lora_{match['ab']} tensors "
+                f"{where}: {module_name(layer, proj)} has two lora_{match['ab']} tensors "
                 f"({slot[match['ab']]!r} and {key!r})"
             )
         slot[match["ab"]] = key
@@ -285,7 +203,7 @@ def _group_lora_keys(
         for have, need in (("A", "B"), ("B", "A")):
             if have in slot and need not in slot:
                 raise AdapterError(
-                    f"{where}: {_module_name(layer, proj)} has lora_{have} ({slot[have]!r}) but no lora_{need}"
+                    f"{where}: {module_name(layer, proj)} has lora_{have} ({slot[have]!r}) but no lora_{need}"
                 )
     return modules
 
@@ -295,7 +213,7 @@ def _plan_module(
     max_rank: int, where: str,
 ) -> int:
     """Check one module's A/B shapes against the base layer and the server's limit; return the rank."""
-    module = _module_name(layer, proj)
+    module = module_name(layer, proj)
     out_features, in_features = base.projection_shapes[proj]
     if len(info_a.shape) != 2 or len(info_b.shape) != 2:
         raise AdapterError(
@@ -341,7 +259,7 @@ def _plan_lora(
     for layer, proj in sorted(grouped, key=lambda lp: (lp[0], PROJECTIONS.index(lp[1]))):
         keys = grouped[(layer, proj)]
         rank = _plan_module(layer, proj, tensors[keys["A"]], tensors[keys["B"]], config, base, max_rank, where)
-        scale = lora_scale(config, _module_name(layer, proj), rank)
+        scale = lora_scale(config, module_name(layer, proj), rank)
         plans[(layer, proj)] = _ModulePlan(keys["A"], keys["B"], rank, float(scale))
     return plans
 
@@ -451,44 +369,26 @@ def load_adapter(
 
     For LoRA, each B comes back multiplied by its module's PEFT scale. A base-model name mismatch
     is logged once for ``name`` at ``path`` (:func:`report_base_model`). The heavy work (reading,
-    scaling) runs in pieces of about `READ_SLICE_BYTES`, each inside `with pace():` (see `interleave`).
+    scaling) runs in pieces of about `safetensors_file.READ_SLICE_BYTES`, each inside `with pace():`
+    (see `interleave`).
     """
     _itemsize(dtype)
     plan = _validate(path, base, max_rank, max_bytes)
     report_base_model(name, plan.path, plan.warnings)
     where = f"adapter {plan.path}"
-    tensors = _read_tensors(plan.weights, _needed_keys(plan), plan.tensors, where, pace)
+    tensors = read_tensors(plan.weights, _needed_keys(plan), plan.tensors, where, pace)
     if plan.kind == "soft_prompt":
         embeddings = tensors["prompt_embeddings"].to(dtype).contiguous()
         return SoftPrompt(name=name, path=plan.path, config=plan.config, embeddings=embeddings)
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
     scales: dict[tuple[int, str], float] = {}
-    for group in slices_of(list(plan.lora.items()), lambda item: _span(plan.tensors[item[1].key_b])):
+    for group in slices_of(list(plan.lora.items()), lambda item: plan.tensors[item[1].key_b].nbytes):
         with pace():
             for module_key, module in group:
                 a, b = tensors[module.key_a], tensors[module.key_b]
                 weights[module_key] = (a.to(dtype).contiguous(), _scaled(b, module.scale, dtype))
                 scales[module_key] = module.scale
     return LoraAdapter(name=name, path=plan.path, config=plan.config, weights=weights, scales=scales)
-
-
-_reported: set[tuple[str, str]] = set()  # (name, path) of each adapter whose notes were logged
-_reported_lock = threading.Lock()  # loads run on the reader thread, registrations on the engine's
-
-
-def report_base_model(name: str, path: PathLike, notes: list[str]) -> None:
-    """Log an adapter's base-model notes (``inspect_adapter``'s "warnings"), one line each, the
-    first time they are reported for adapter ``name`` at ``path`` in this process: one adapter
-    version is loaded again after every eviction, and the server both registers and loads it,
-    but an operator needs to read it once ("adapter sql@2 was trained on SmolLM2-360M; serving
-    SmolLM2-135M-Instruct")."""
-    key = (name, os.fspath(path))
-    with _reported_lock:
-        if not notes or key in _reported:
-            return
-        _reported.add(key)
-    for note in notes:
-        log.warning("adapter %s was %s", name, note)
 
 
 def _scaled(b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -505,87 +405,6 @@ def _needed_keys(plan: _Plan) -> list[str]:
     if plan.kind == "soft_prompt":
         return ["prompt_embeddings"]
     return [k for module in plan.lora.values() for k in (module.key_a, module.key_b)]
-
-
-def _read_tensors(
-    weights: Path, keys: list[str], infos: dict[str, TensorInfo], where: str, pace: Pace = nullcontext
-) -> dict[str, torch.Tensor]:
-    """The tensors `keys` of a vetted safetensors file, as views of one buffer holding the file.
-
-    The file is read straight into memory torch owns (the read releases the GIL, and nothing is
-    copied a second time), so this holds the GIL only for a few short Python steps. That matters
-    because it runs on the reader thread beside the engine's: `safetensors.torch.load(bytes)` held
-    the GIL for 7-25 ms per rank-64 adapter, stopping the engine thread as long. Each copy into
-    fresh memory also costs a page fault per 4 KiB. (`safe_open(...).get_tensor` also keeps two
-    small objects per call for good in safetensors 0.8.)"""
-    try:
-        size = weights.stat().st_size
-        data = torch.empty(size, dtype=torch.uint8)
-        buffer = _memory_of(data)
-        got = _read_into(weights, buffer, pace)
-        (header_len,) = struct.unpack_from("<Q", buffer, 0)
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
-    except (OSError, ValueError, struct.error) as exc:  # vetted already: I/O, or changed underneath
-        raise AdapterError(f"{where}: cannot read {weights.name}: {exc}") from None
-    if got != size:
-        raise AdapterError(f"{where}: {weights.name} changed on disk while loading; try again")
-    start = 8 + header_len
-    out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        info, entry = infos[key], header.get(key)
-        if (not isinstance(entry, dict) or entry.get("dtype") != info.dtype
-                or tuple(entry.get("shape", ())) != info.shape or entry.get("data_offsets") != [info.begin, info.end]
-                or start + info.end > size):
-            raise AdapterError(f"{where}: {key!r} changed on disk while loading; try again")
-        dtype = FLOAT_DTYPES[info.dtype]
-        raw = data[start + info.begin : start + info.end]
-        if (start + info.begin) % FLOAT_ITEMSIZE[info.dtype]:
-            raw = raw.clone()  # a misaligned span cannot be viewed as its dtype
-        out[key] = raw.view(dtype).view(info.shape)
-    return out
-
-
-_memoryview_of = ctypes.pythonapi.PyMemoryView_FromMemory
-_memoryview_of.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
-_memoryview_of.restype = ctypes.py_object
-_PYBUF_WRITE = 0x200
-
-
-def _memory_of(data: torch.Tensor) -> memoryview:
-    """A writable byte view of the uint8 CPU tensor `data` [n] (its own memory, not a copy). Not a
-    ctypes array: ctypes keeps one array type per length for good, a leak across file sizes."""
-    return _memoryview_of(data.data_ptr(), data.numel(), _PYBUF_WRITE)
-
-
-def _read_into(path: Path, buffer: memoryview, pace: Pace = nullcontext) -> int:
-    """Fill `buffer` from the file, `READ_SLICE_BYTES` per `pace()`; returns the bytes read (fewer
-    if the file shrank)."""
-    got = 0
-    with open(path, "rb", buffering=0) as fh:
-        while got < len(buffer):
-            with pace():
-                n = fh.readinto(buffer[got : got + READ_SLICE_BYTES])
-            if not n:
-                break
-            got += n
-    return got
-
-
-def _span(info: TensorInfo) -> int:
-    return info.end - info.begin
-
-
-def slices_of(items: list, nbytes: Callable[[Any], int]) -> list[list]:
-    """`items` in order, cut into runs of about `READ_SLICE_BYTES` (by `nbytes` of each)."""
-    out: list[list] = [[]]
-    size = 0
-    for item in items:
-        if out[-1] and size + nbytes(item) > READ_SLICE_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(item)
-        size += nbytes(item)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

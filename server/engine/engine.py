@@ -26,15 +26,15 @@ import torch
 from loraplex.kernels import get_lora_ops
 
 from . import loader
-from .adapter_errors import AdapterQuarantined
+from .adapter_errors import AdapterError, AdapterQuarantined
+from .adapter_format import FUSED, BaseModelShape
 from .adapter_slots import AdapterSlots, Registered
 from .adapter_values import AdapterValueError, BaseNorms
-from .adapters import AdapterError, BaseModelShape
 from .block_manager import BlockManager, prefix_hashes
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .merging import MergePolicy, build_merged
-from .model import FUSED, CausalLM
+from .model import CausalLM
 from .model_config import spec_from_hf_config
 from .model_runner import ModelRunner
 from .quantize import prepack_supported

@@ -37,7 +37,9 @@ def export_merged(model: str | None, adapter_dir: str, out: str, max_rank: int =
     from loraplex.kernels import lora_torch
 
     from . import loader
-    from .adapters import AdapterError, BaseModelShape, LoraAdapter, load_adapter
+    from .adapter_errors import AdapterError
+    from .adapter_format import BaseModelShape, weight_key
+    from .adapters import LoraAdapter, load_adapter
     from .model_config import spec_from_hf_config
 
     target = Path(out)
@@ -52,8 +54,7 @@ def export_merged(model: str | None, adapter_dir: str, out: str, max_rank: int =
     weights = loader.load_weights(source, torch.float32)
     dtypes = _source_dtypes(source)
     for (layer, proj), (a, b) in adapter.weights.items():
-        block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        key = f"model.layers.{layer}.{block}.{proj}.weight"
+        key = weight_key(layer, proj)
         lora_torch.merge(weights[key], a, b, 1.0, weights[key])  # scale already folded into b
     state = {k: v.to(dtypes.get(k, torch.float32)).contiguous() for k, v in weights.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +96,7 @@ def _torch_dtype(name: str):
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from .adapters import AdapterError
+    from .adapter_errors import AdapterError
 
     try:
         out = export_merged(args.model, args.adapter, args.out, args.max_lora_rank)

@@ -19,20 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter_format import FUSED, module_name
 from .attention import AttentionMetadata, attention, write_kv
 from .lora_batch import LoraBatch
 from .lora_layer import LoraLinear
 from .merging import MergeStep
 from .model_config import ModelSpec
 from .quantize import DenseLinear, make_linear
-
-# Which fused layer holds each projection, in output-column order.
-FUSED = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "o_proj": ("o_proj",),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "down_proj": ("down_proj",),
-}
 
 
 @dataclass
@@ -154,7 +147,7 @@ def _build_layer(spec: ModelSpec, weights: dict[str, torch.Tensor], i: int, quan
     shapes = spec.projection_shapes()
     projections = {}
     for fused, names in FUSED.items():
-        keys = [prefix + ("mlp." if n in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + n for n in names]
+        keys = [module_name(i, n) for n in names]
         ws = [weights.pop(k + ".weight") for k in keys]
         bs = [weights.pop(k + ".bias", None) for k in keys]
         for name, w in zip(names, ws):

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .adapter_format import projection_shapes
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Rope types whose frequencies do not depend on the sequence length at run time.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "proportional")
@@ -41,16 +43,8 @@ class ModelSpec:
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """(out_features, in_features) of every projection a LoRA may target."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (self.q_size, h),
-            "k_proj": (self.kv_size, h),
-            "v_proj": (self.kv_size, h),
-            "o_proj": (h, self.q_size),
-            "gate_proj": (i, h),
-            "up_proj": (i, h),
-            "down_proj": (h, i),
-        }
+        return projection_shapes(self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads,
+                                 self.head_dim)
 
 
 def spec_from_hf_config(config, name_or_path: str = "") -> ModelSpec:

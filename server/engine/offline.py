@@ -109,8 +109,9 @@ def main(argv: list[str]) -> int:
         print("error: no requests in the input", file=sys.stderr)
         return 2
 
-    from .adapters import AdapterError, report_base_model
+    from .adapter_errors import AdapterError
     from .engine import Engine
+    from .peft_config import report_base_model
 
     try:
         engine = Engine(engine_config(args))

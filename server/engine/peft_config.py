@@ -4,7 +4,8 @@
 ``"lora"`` or ``"soft_prompt"``; :func:`check_lora_config` and :func:`check_prompt_config` vet the
 rest of the config for that kind. :func:`pattern_value` and :func:`lora_scale` apply PEFT's
 per-module ``rank_pattern`` / ``alpha_pattern`` rules and its LoRA scale, and
-:func:`base_model_warnings` notes an adapter trained on a differently named base model.
+:func:`base_model_warnings` notes an adapter trained on a differently named base model, and
+:func:`report_base_model` logs such notes once per adapter.
 
 Options the engine does not implement are refused by name rather than ignored, and so is any
 config key this module does not know whose value is set: a future PEFT feature that changes the
@@ -14,9 +15,11 @@ maths must fail loudly, not serve subtly wrong outputs. Every refusal is an :cla
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable, Union
 
@@ -33,8 +36,11 @@ __all__ = [
     "pattern_value",
     "lora_scale",
     "base_model_warnings",
+    "report_base_model",
     "model_name",
 ]
+
+log = logging.getLogger("loraplex.adapters")  # the adapter loader's log, where operators read base-model notes
 
 # The file names PEFT's save_pretrained writes.
 CONFIG_NAME = "adapter_config.json"
@@ -325,6 +331,25 @@ def base_model_warnings(config: dict, served_name: str) -> list[str]:
     if not theirs or not ours or theirs.casefold() == ours.casefold():
         return []
     return [f"trained on {theirs}; serving {ours}"]
+
+
+_reported: set[tuple[str, str]] = set()  # (name, path) of each adapter whose notes were logged
+_reported_lock = threading.Lock()  # loads run on the reader thread, registrations on the engine's
+
+
+def report_base_model(name: str, path: PathLike, notes: list[str]) -> None:
+    """Log an adapter's base-model notes (:func:`base_model_warnings`), one line each, the
+    first time they are reported for adapter ``name`` at ``path`` in this process: one adapter
+    version is loaded again after every eviction, and the server both registers and loads it,
+    but an operator needs to read it once ("adapter sql@2 was trained on SmolLM2-360M; serving
+    SmolLM2-135M-Instruct")."""
+    key = (name, os.fspath(path))
+    with _reported_lock:
+        if not notes or key in _reported:
+            return
+        _reported.add(key)
+    for note in notes:
+        log.warning("adapter %s was %s", name, note)
 
 
 # A GGUF file name's quantization tag: SmolLM2-135M-Instruct.Q4_1.gguf, llama-7b-Q4_K_M.gguf, x.f16.gguf

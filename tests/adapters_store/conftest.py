@@ -19,7 +19,8 @@ def validate(tiny_model) -> Callable[[Path], dict]:
     """The server's validation callback: PEFT config, safetensors header and shapes vs the tiny Llama."""
     import transformers
 
-    from loraplex.server.engine.adapters import BaseModelShape, inspect_adapter
+    from loraplex.server.engine.adapter_format import BaseModelShape
+    from loraplex.server.engine.adapters import inspect_adapter
 
     shape = BaseModelShape.from_hf_config(transformers.AutoConfig.from_pretrained(tiny_model))
     return lambda d: inspect_adapter(d, shape, max_rank=64)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from loraplex.adapters_store import AdapterStore, StoreError
-from loraplex.server.engine.adapters import AdapterError
+from loraplex.server.engine.adapter_errors import AdapterError
 
 
 def assert_empty(store: AdapterStore) -> None:
@@ -139,7 +139,8 @@ def test_shape_mismatch_is_refused(store, builders, tmp_path, validate):
 
 
 def test_rank_limit_comes_from_the_validator(store, tiny_adapters, validate):
-    from loraplex.server.engine.adapters import BaseModelShape, inspect_adapter
+    from loraplex.server.engine.adapter_format import BaseModelShape
+    from loraplex.server.engine.adapters import inspect_adapter
 
     del validate
     shape = BaseModelShape(2, 64, {"q_proj": (64, 64), "k_proj": (32, 64), "v_proj": (32, 64), "o_proj": (64, 64),

@@ -22,10 +22,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from loraplex.server.engine import adapters as ad  # noqa: E402
+from loraplex.server.engine import safetensors_file  # noqa: E402
+from loraplex.server.engine.adapter_errors import AdapterError  # noqa: E402
+from loraplex.server.engine.adapter_format import PROJECTIONS, BaseModelShape  # noqa: E402
 from loraplex.server.engine.adapters import (  # noqa: E402
-    PROJECTIONS,
-    AdapterError,
-    BaseModelShape,
     LoraAdapter,
     SoftPrompt,
     adapter_kind,
@@ -578,9 +578,11 @@ def test_soft_prompt_extra_or_missing_tensor(soft_prompt, tmp_path):
     refused(path, "no prompt_embeddings")
 
 
-def test_module_never_unpickles():
-    """No pickle import, and no call named load / loads / Unpickler (json.loads aside) in the module."""
-    tree = ast.parse(Path(ad.__file__).read_text())
+@pytest.mark.parametrize("module", [ad, safetensors_file], ids=["adapters", "safetensors_file"])
+def test_module_never_unpickles(module):
+    """No pickle import, and no call named load / loads / Unpickler (json.loads aside) in the loader
+    or in the module that reads its tensors."""
+    tree = ast.parse(Path(module.__file__).read_text())
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
@@ -596,7 +598,7 @@ def test_module_never_unpickles():
 def test_tensors_read_by_hand_equal_safetensors_own_reader(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from loraplex.server.engine.safetensors_header import read_header
+    from loraplex.server.engine.safetensors_file import read_header
 
     gen = torch.Generator().manual_seed(3)
     tensors = {"a16": torch.randn(3, 5, generator=gen).half(), "abf": torch.randn(7, generator=gen).bfloat16(),
@@ -605,7 +607,7 @@ def test_tensors_read_by_hand_equal_safetensors_own_reader(tmp_path):
     weights = tmp_path / "w.safetensors"
     save_file(tensors, str(weights))
     infos = read_header(weights, "test", 1 << 30)
-    got = ad._read_tensors(weights, list(tensors), infos, "test")
+    got = safetensors_file.read_tensors(weights, list(tensors), infos, "test")
     expected = load_file(str(weights))
     for key, t in expected.items():
         assert got[key].dtype == t.dtype and got[key].shape == t.shape and torch.equal(got[key], t), key
@@ -615,10 +617,10 @@ def test_tensors_read_by_hand_equal_safetensors_own_reader(tmp_path):
 
     save_file({**tensors, "b32": torch.randn(4, 3, 2, generator=gen)}, str(weights))  # rewritten after vetting
     with pytest.raises(AdapterError, match="'b32' changed on disk while loading"):
-        ad._read_tensors(weights, ["b32"], infos, "test")
+        safetensors_file.read_tensors(weights, ["b32"], infos, "test")
     weights.write_bytes(weights.read_bytes()[:40])  # truncated underneath
     with pytest.raises(AdapterError, match="test: "):
-        ad._read_tensors(weights, ["b32"], infos, "test")
+        safetensors_file.read_tensors(weights, ["b32"], infos, "test")
 
 
 def test_a_tensor_at_an_offset_its_dtype_cannot_view_is_copied_out(tmp_path):
@@ -627,7 +629,7 @@ def test_a_tensor_at_an_offset_its_dtype_cannot_view_is_copied_out(tmp_path):
     import json
     import struct
 
-    from loraplex.server.engine.safetensors_header import read_header
+    from loraplex.server.engine.safetensors_file import read_header
 
     half = torch.tensor([1.5], dtype=torch.float16)
     single = torch.tensor([[0.25, -3.0], [7.0, 1e-3]])
@@ -636,5 +638,5 @@ def test_a_tensor_at_an_offset_its_dtype_cannot_view_is_copied_out(tmp_path):
     header += b" " * (-len(header) % 8)
     weights = tmp_path / "odd.safetensors"
     weights.write_bytes(struct.pack("<Q", len(header)) + header + half.numpy().tobytes() + single.numpy().tobytes())
-    got = ad._read_tensors(weights, ["h", "f"], read_header(weights, "test", 1 << 20), "test")
+    got = safetensors_file.read_tensors(weights, ["h", "f"], read_header(weights, "test", 1 << 20), "test")
     assert torch.equal(got["h"], half) and torch.equal(got["f"], single)
