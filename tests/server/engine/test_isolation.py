@@ -247,12 +247,16 @@ def test_poisoned_row_beside_a_merged_adapter(tiny_model, tiny_adapters, poisone
 
 
 def test_quarantine_lasts_until_registered_again(tiny_model, tiny_adapters, poisoned, unchecked):
-    engine = make_engine(tiny_model, tiny_adapters, ("x", poisoned["lora-nan"]))
+    engine = make_engine(tiny_model, tiny_adapters, ("x", poisoned["lora-nan"]), max_running=1)
     run = Run(engine)
-    # requests already queued on the adapter when it is caught fail with it, as FAILED_PRECONDITION
+    # requests queued on the adapter when it is caught (one runs at a time) fail with it, as
+    # FAILED_PRECONDITION, without running
     run.phase([row_request("lora")] + [request(f"queued-{i}", i, "x") for i in range(2)])
     assert_failed_alone(run, "x")
-    assert {run.outputs[f"queued-{i}"][-1].error_code for i in range(2)} <= {"FAILED_PRECONDITION", "INTERNAL"}
+    for i in range(2):
+        [out] = run.outputs[f"queued-{i}"]
+        assert out.error_code == "FAILED_PRECONDITION" and "quarantined" in out.error, out
+    assert len(run.logits) == 1  # the poisoned row's step: the queued ones never ran
     with pytest.raises(AdapterQuarantined):
         engine.slots.pin("x")
     engine.register_adapter("x", str(tiny_adapters["attn4"]))  # fixed: registered again
