@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
+
+from loraplex.kernels import LoraOps
 
 from .adapter_values import AdapterValueError
 from .lora_batch import LoraBatch
@@ -53,16 +54,16 @@ def merge_mode(num_merged: int, num_other: int, rank: int, quantized: bool) -> s
     return "split"
 
 
-def build_merged(layer: LoraLinear, slot_entries: dict[str, tuple[int, int]], ops: ModuleType,
+def build_merged(layer: LoraLinear, entries: dict[str, tuple[int, int]], ops: LoraOps,
                  dtype: torch.dtype) -> DenseLinear | None:
     """The merged copy of one (possibly fused) layer for the adapter whose pool entries are
-    `slot_entries` (projection -> (rank, entry)); None when it leaves this layer alone. Raises
+    `entries` (projection -> (rank, entry)); None when it leaves this layer alone. Raises
     AdapterValueError when the copy is not finite (a merged adapter reaches every row)."""
     touched = []
     for name, (col, out) in layer.slices.items():
-        if name not in slot_entries:
+        if name not in entries:
             continue
-        rank, entry = slot_entries[name]
+        rank, entry = entries[name]
         a_pool, b_pool = layer.pools[name][rank]
         if torch.count_nonzero(b_pool[entry]) == 0:  # no weights in this layer (layers_to_transform)
             continue
