@@ -30,9 +30,9 @@ class PaddedRows:
     index: torch.Tensor | None
 
     @staticmethod
-    def plan(seg_lens: list[int], seg_slots: list[int], device: torch.device | str) -> PaddedRows | None:
+    def plan(seg_lens: list[int], seg_entries: list[int], device: torch.device | str) -> PaddedRows | None:
         """The grid for these segments, or None where it would waste more than the limits above."""
-        used = [(n, e) for n, e in zip(seg_lens, seg_slots) if n > 0]
+        used = [(n, e) for n, e in zip(seg_lens, seg_entries) if n > 0]
         if len(used) < 2:
             return None
         per_entry: dict[int, int] = {}
@@ -74,11 +74,11 @@ class TokenGroups:
     row_start:   first row when `rows` is None.
     num_rows:    n.
     seg_lens:    [G] long, number of rows of each segment (one segment per active adapter).
-    seg_slots:   [G] long, pool entry of each segment.
-    row_slots:   [n] long, pool entry of each row (the decode, one-token-per-request form).
+    seg_entries: [G] long, pool entry of each segment.
+    row_entries: [n] long, pool entry of each row (the decode, one-token-per-request form).
     seg_offsets: G cumulative segment ends as int32 (the form `grouped_mm` takes).
     padded:      the rows as a grid over a range of pool entries, when that wastes little.
-    first_slot:  seg_slots[0] as a Python int (-1 without segments): the entry of a one-segment
+    first_entry: seg_entries[0] as a Python int (-1 without segments): the entry of a one-segment
                  group, read without a tensor op.
     """
 
@@ -86,11 +86,11 @@ class TokenGroups:
     row_start: int
     num_rows: int
     seg_lens: torch.Tensor
-    seg_slots: torch.Tensor
-    row_slots: torch.Tensor
+    seg_entries: torch.Tensor
+    row_entries: torch.Tensor
     seg_offsets: torch.Tensor
     padded: PaddedRows | None = None
-    first_slot: int = -1
+    first_entry: int = -1
 
     @property
     def num_segments(self) -> int:
@@ -98,7 +98,7 @@ class TokenGroups:
 
     @staticmethod
     def build(
-        seg_row_starts: list[int], seg_lens: list[int], seg_slots: list[int], device: torch.device | str = "cpu"
+        seg_row_starts: list[int], seg_lens: list[int], seg_entries: list[int], device: torch.device | str = "cpu"
     ) -> TokenGroups:
         """Groups from per-segment (first row, length, pool entry), segments in row order."""
         num_rows = sum(seg_lens)
@@ -114,17 +114,17 @@ class TokenGroups:
             ).to(device)
             row_start = 0
         lens = torch.tensor(seg_lens, dtype=torch.long)
-        slots = torch.tensor(seg_slots, dtype=torch.long)
+        entries = torch.tensor(seg_entries, dtype=torch.long)
         return TokenGroups(
             rows=rows,
             row_start=row_start,
             num_rows=num_rows,
             seg_lens=lens.to(device),
-            seg_slots=slots.to(device),
-            row_slots=torch.repeat_interleave(slots, lens).to(device),
+            seg_entries=entries.to(device),
+            row_entries=torch.repeat_interleave(entries, lens).to(device),
             seg_offsets=torch.cumsum(lens, 0).to(torch.int32).to(device),
-            padded=PaddedRows.plan(seg_lens, seg_slots, device),
-            first_slot=seg_slots[0] if seg_slots else -1,
+            padded=PaddedRows.plan(seg_lens, seg_entries, device),
+            first_entry=seg_entries[0] if seg_entries else -1,
         )
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:

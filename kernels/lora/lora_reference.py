@@ -15,12 +15,12 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> t
     """Shrink each served token by its own adapter's A.
 
     x [T, in], a_pool [S, r, in] -> xa [n, r], where for the i-th served token:
-        xa[i] = a_pool[groups.row_slots[i]] @ x[row_i]
+        xa[i] = a_pool[groups.row_entries[i]] @ x[row_i]
     """
     rows = _served_rows(groups)
     out = torch.zeros(groups.num_rows, a_pool.shape[1], dtype=torch.float32)
     for i, row in enumerate(rows):
-        out[i] = a_pool[int(groups.row_slots[i])].float() @ x[row].float()
+        out[i] = a_pool[int(groups.row_entries[i])].float() @ x[row].float()
     return out.to(x.dtype)
 
 
@@ -28,11 +28,11 @@ def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: 
     """Expand each served token by its own adapter's B (scale already folded in) into y.
 
     xa [n, r], b_pool [S, out, r], y [T, out] (a column slice of the fused output is fine):
-        y[row_i] += b_pool[groups.row_slots[i]] @ xa[i]
+        y[row_i] += b_pool[groups.row_entries[i]] @ xa[i]
     """
     rows = _served_rows(groups)
     for i, row in enumerate(rows):
-        y[row] += (b_pool[int(groups.row_slots[i])].float() @ xa[i].float()).to(y.dtype)
+        y[row] += (b_pool[int(groups.row_entries[i])].float() @ xa[i].float()).to(y.dtype)
 
 
 def lora_shrink_fused(

@@ -54,11 +54,11 @@ def _segment_matmul(x: torch.Tensor, w: torch.Tensor, groups: TokenGroups) -> to
 
 
 def _per_row(x: torch.Tensor, pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-    """x [n, k], pool [S, m, k] -> [n, m]: row i times pool[row_slots[i]]^T.
+    """x [n, k], pool [S, m, k] -> [n, m]: row i times pool[row_entries[i]]^T.
 
     A row times a matrix (rather than the matrix times a column) is several times faster
     for these shapes on CPU."""
-    w = pool.index_select(0, groups.row_slots)  # [n, m, k]
+    w = pool.index_select(0, groups.row_entries)  # [n, m, k]
     return torch.bmm(x.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
 
 
@@ -66,31 +66,31 @@ def _apply(operand: torch.Tensor, pool: torch.Tensor, groups: TokenGroups, form:
     """The same product as PEFT's nn.Linear layers, F.linear(x, w), for each served row's own w:
     operand (`_operand` of the rows [n, k]), pool [S, m, k] -> [n, m]."""
     if form == "mm":
-        return torch.mm(operand, pool[groups.first_slot].t())
+        return torch.mm(operand, pool[groups.first_entry].t())
     if form == "padded":
         p = groups.padded
         w = pool[p.entry_lo : p.entry_lo + p.entries]  # a view: the entries in use are read in place
         return p.unpad(torch.bmm(operand, w.transpose(1, 2)))
     if form == "gather":
         return _per_row(operand, pool, groups)
-    return _segment_matmul(operand, pool.index_select(0, groups.seg_slots), groups)
+    return _segment_matmul(operand, pool.index_select(0, groups.seg_entries), groups)
 
 
 def _expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor, form: str) -> None:
     if form == "mm" and groups.rows is None:  # one adapter over a range of rows: added in place
-        y[groups.row_start : groups.row_start + groups.num_rows].addmm_(xa, b_pool[groups.first_slot].t())
+        y[groups.row_start : groups.row_start + groups.num_rows].addmm_(xa, b_pool[groups.first_entry].t())
     else:
         groups.scatter_add_rows(y, _apply(_operand(xa, groups, form), b_pool, groups, form))
 
 
 def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> torch.Tensor:
-    """x [T, in], a_pool [S, r, in] -> xa [n, r]: xa[i] = a_pool[row_slots[i]] @ x[row_i]."""
+    """x [T, in], a_pool [S, r, in] -> xa [n, r]: xa[i] = a_pool[row_entries[i]] @ x[row_i]."""
     form = form_of(groups)
     return _apply(_operand(groups.gather_rows(x), groups, form), a_pool, groups, form)
 
 
 def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: torch.Tensor) -> None:
-    """xa [n, r], b_pool [S, out, r], y [T, out]: y[row_i] += b_pool[row_slots[i]] @ xa[i]."""
+    """xa [n, r], b_pool [S, out, r], y [T, out]: y[row_i] += b_pool[row_entries[i]] @ xa[i]."""
     _expand(xa, b_pool, groups, y, form_of(groups))
 
 

@@ -37,7 +37,7 @@ def lora_shrink(x: torch.Tensor, a_pool: torch.Tensor, groups: TokenGroups) -> t
 
         xa = empty(n, r)
         for i, row in enumerate(served rows):        # groups.rows, or row_start .. row_start + n
-            xa[i] = a_pool[groups.row_slots[i]] @ x[row]    # accumulated in float32
+            xa[i] = a_pool[groups.row_entries[i]] @ x[row]    # accumulated in float32
         return xa
     """
     return _shrink(x, [a_pool], [groups], ["a_pool"])[0]
@@ -50,7 +50,7 @@ def lora_expand(xa: torch.Tensor, b_pool: torch.Tensor, groups: TokenGroups, y: 
     is fine); rows of y that are not served are never read or written:
 
         for i, row in enumerate(served rows):        # groups.rows, or row_start .. row_start + n
-            y[row] += b_pool[groups.row_slots[i]] @ xa[i]   # float32 sum, one rounding to y's dtype
+            y[row] += b_pool[groups.row_entries[i]] @ xa[i]   # float32 sum, one rounding to y's dtype
     """
     _check_tensor("b_pool", b_pool, 3, "[S, out, r]")
     _check_tensor("y", y, 2, "[T, out]")
@@ -136,7 +136,7 @@ def _shrink(x: torch.Tensor, a_pools: Sequence[torch.Tensor], groups: Sequence[T
     grid = (triton.cdiv(meta.max_seg_len, SHRINK_BLOCK_M), triton.cdiv(max(ranks), SHRINK_BLOCK_R),
             meta.num_segments)
     shrink_kernel[grid](
-        x, table, meta.rows, meta.seg_problem, meta.seg_lens, meta.seg_starts, meta.seg_slots,
+        x, table, meta.rows, meta.seg_problem, meta.seg_lens, meta.seg_starts, meta.seg_entries,
         x.shape[1], x.stride(0), x.stride(1),
         TABLE=SHRINK_TABLE, BLOCK_M=SHRINK_BLOCK_M, BLOCK_R=SHRINK_BLOCK_R, BLOCK_K=SHRINK_BLOCK_K,
     )
@@ -176,7 +176,7 @@ def _expand(xas: Sequence[torch.Tensor], b_pools: Sequence[torch.Tensor], groups
     grid = (triton.cdiv(meta.max_seg_len, EXPAND_BLOCK_M), triton.cdiv(max(b.shape[1] for b in b_pools),
                                                                        EXPAND_BLOCK_N), meta.num_segments)
     expand_kernel[grid](
-        y, table, meta.rows, meta.seg_problem, meta.seg_lens, meta.seg_starts, meta.seg_slots,
+        y, table, meta.rows, meta.seg_problem, meta.seg_lens, meta.seg_starts, meta.seg_entries,
         y.stride(0), y.stride(1),
         TABLE=EXPAND_TABLE, BLOCK_M=EXPAND_BLOCK_M, BLOCK_N=EXPAND_BLOCK_N, BLOCK_R=EXPAND_BLOCK_R,
     )
@@ -262,13 +262,13 @@ def _check_devices(*named: tuple[str, torch.Tensor]) -> None:
 
 def _check_problems(count: int, num_groups: int, name: str) -> None:
     if count != num_groups:
-        raise ValueError(f"{name} has {count} entries but groups has {num_groups}: one per problem")
+        raise ValueError(f"{name} has {count} items but groups has {num_groups}: one per problem")
 
 
 def _check_indices(meta: LaunchMeta, p: int, groups: TokenGroups, num_batch_rows: int, batch_name: str,
                    pool_name: str, pool_entries: int) -> None:
-    if meta.max_slots[p] >= pool_entries:
-        raise ValueError(f"groups use pool entry {meta.max_slots[p]} but {pool_name} has {pool_entries} entries "
-                         f"(seg_slots {groups.seg_slots.tolist()})")
+    if meta.max_entries[p] >= pool_entries:
+        raise ValueError(f"groups use pool entry {meta.max_entries[p]} but {pool_name} has {pool_entries} entries "
+                         f"(seg_entries {groups.seg_entries.tolist()})")
     if meta.max_rows[p] >= num_batch_rows:
         raise ValueError(f"groups serve batch row {meta.max_rows[p]} but {batch_name} has {num_batch_rows} rows")

@@ -47,7 +47,7 @@ def shrink_kernel(
     table_ptr,  # [P, SHRINK_TABLE] int64 per problem: A pool address, xa address, rank, first served row
     #             in rows_ptr, strides of the A pool (entry, rank, in)
     rows_ptr,  # [sum n_p] int64: batch row of each served row, problem after problem
-    seg_problem_ptr, seg_lens_ptr, seg_starts_ptr, seg_slots_ptr,  # [G] int64: problem, rows,
+    seg_problem_ptr, seg_lens_ptr, seg_starts_ptr, seg_entries_ptr,  # [G] int64: problem, rows,
     #                                                 first served row within the problem, pool entry
     K,  # in_features
     stride_xt, stride_xk,
@@ -59,18 +59,18 @@ def shrink_kernel(
     seg_len = tl.load(seg_lens_ptr + seg)
     if pid_m * BLOCK_M >= seg_len:  # beyond this segment (zero-length, short decode segment)
         return
-    entry = table_ptr + tl.load(seg_problem_ptr + seg) * TABLE
-    R = tl.load(entry + 2)
+    problem = table_ptr + tl.load(seg_problem_ptr + seg) * TABLE  # its row of the table
+    R = tl.load(problem + 2)
     if pid_r * BLOCK_R >= R:  # beyond this problem's own rank
         return
-    a_ptr = tl.load(entry + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    xa_ptr = tl.load(entry + 1).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    row_base = tl.load(entry + 3)
-    stride_as = tl.load(entry + 4)
-    stride_ar = tl.load(entry + 5)
-    stride_ak = tl.load(entry + 6)
+    a_ptr = tl.load(problem + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    xa_ptr = tl.load(problem + 1).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    row_base = tl.load(problem + 3)
+    stride_as = tl.load(problem + 4)
+    stride_ar = tl.load(problem + 5)
+    stride_ak = tl.load(problem + 6)
     seg_start = tl.load(seg_starts_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg)
+    entry = tl.load(seg_entries_ptr + seg)  # pool entry
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] row within the segment
     mask_m = offs_m < seg_len
@@ -80,7 +80,7 @@ def shrink_kernel(
     mask_r = offs_r < R
 
     x_rows = x_ptr + batch_rows[:, None] * stride_xt  # [BM, 1]
-    a_cols = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar  # [1, BR]
+    a_cols = a_ptr + entry * stride_as + offs_r[None, :] * stride_ar  # [1, BR]
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k in range(0, K, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)  # [BK]
@@ -102,7 +102,7 @@ def expand_kernel(
     #             column in y, first served row in rows_ptr, strides of xa (row, rank) and of the
     #             B pool (entry, out, rank)
     rows_ptr,  # [sum n_p] int64: batch row of each served row, problem after problem
-    seg_problem_ptr, seg_lens_ptr, seg_starts_ptr, seg_slots_ptr,  # [G] int64, as for shrink
+    seg_problem_ptr, seg_lens_ptr, seg_starts_ptr, seg_entries_ptr,  # [G] int64, as for shrink
     stride_yt, stride_yn,
     TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -112,22 +112,22 @@ def expand_kernel(
     seg_len = tl.load(seg_lens_ptr + seg)
     if pid_m * BLOCK_M >= seg_len:
         return
-    entry = table_ptr + tl.load(seg_problem_ptr + seg) * TABLE
-    N = tl.load(entry + 3)
+    problem = table_ptr + tl.load(seg_problem_ptr + seg) * TABLE  # its row of the table
+    N = tl.load(problem + 3)
     if pid_n * BLOCK_N >= N:  # beyond this slice's own width
         return
-    xa_ptr = tl.load(entry + 0).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    b_ptr = tl.load(entry + 1).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    R = tl.load(entry + 2)
-    col = tl.load(entry + 4)
-    row_base = tl.load(entry + 5)
-    stride_xn = tl.load(entry + 6)
-    stride_xr = tl.load(entry + 7)
-    stride_bs = tl.load(entry + 8)
-    stride_bn = tl.load(entry + 9)
-    stride_br = tl.load(entry + 10)
+    xa_ptr = tl.load(problem + 0).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    b_ptr = tl.load(problem + 1).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    R = tl.load(problem + 2)
+    col = tl.load(problem + 4)
+    row_base = tl.load(problem + 5)
+    stride_xn = tl.load(problem + 6)
+    stride_xr = tl.load(problem + 7)
+    stride_bs = tl.load(problem + 8)
+    stride_bn = tl.load(problem + 9)
+    stride_br = tl.load(problem + 10)
     seg_start = tl.load(seg_starts_ptr + seg)
-    slot = tl.load(seg_slots_ptr + seg)
+    entry = tl.load(seg_entries_ptr + seg)  # pool entry
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     mask_m = offs_m < seg_len
@@ -137,7 +137,7 @@ def expand_kernel(
     mask_n = offs_n < N
 
     xa_rows = xa_ptr + served[:, None] * stride_xn  # [BM, 1]
-    b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn  # [1, BN]
+    b_cols = b_ptr + entry * stride_bs + offs_n[None, :] * stride_bn  # [1, BN]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k in range(0, R, BLOCK_R):  # the adapter's own rank, 16 at a time
         offs_k = k + tl.arange(0, BLOCK_R)  # [BR]

@@ -51,9 +51,9 @@ SHAPES = [(72, 40), (200, 136)]  # (in_features, out_features): not powers of tw
 RANKS = [1, 2, 3, 4, 8, 13, 16, 64, 128]
 DTYPES = [torch.float32, torch.float16]
 
-def _served(starts, lens, slots) -> list[tuple[int, int]]:
+def _served(starts, lens, entries) -> list[tuple[int, int]]:
     """(batch row, pool entry) of every served row, written out from the layout by hand."""
-    return [(s + k, e) for s, n, e in zip(starts, lens, slots) for k in range(n)]
+    return [(s + k, e) for s, n, e in zip(starts, lens, entries) for k in range(n)]
 
 
 def _operands(T, in_f, out_f, rank, dtype, seed, extra_cols=(0, 0)):
@@ -87,12 +87,12 @@ def _cases():
 
 @pytest.mark.parametrize("layout,rank,dtype,in_f,out_f", list(_cases()))
 def test_shrink_expand_match_reference_and_dense(layout, rank, dtype, in_f, out_f):
-    T, starts, lens, slots, _ = LAYOUTS[layout]
-    served = _served(starts, lens, slots)
+    T, starts, lens, entries, _ = LAYOUTS[layout]
+    served = _served(starts, lens, entries)
     left, right = 3, 5
     x, a_pool, b_pool, y_wide = _operands(T, in_f, out_f, rank, dtype, seed=rank * 1000 + in_f,
                                          extra_cols=(left, right))
-    groups = TokenGroups.build(starts, lens, slots)
+    groups = TokenGroups.build(starts, lens, entries)
     dense_xa, dense_y = _dense(x, a_pool, b_pool, y_wide[:, left : left + out_f], served)
     dense_tol, pair_tol = (F32_TOL, F32_TOL) if dtype == torch.float32 else (F16_DENSE_TOL, F16_PAIR_TOL)
 
@@ -119,7 +119,7 @@ def test_shrink_expand_match_reference_and_dense(layout, rank, dtype, in_f, out_
 def test_layouts_take_the_intended_torch_form(layout, monkeypatch):
     """Each layout above really exercises the form it is named for, and the padded form reads
     its pool range in place (no index_select of the pool)."""
-    T, starts, lens, slots, form = LAYOUTS[layout]
+    T, starts, lens, entries, form = LAYOUTS[layout]
     calls = {"bmm": 0, "grouped_mm": 0, "pool gathers": 0}
     real_bmm, real_grouped = torch.bmm, F.grouped_mm
     x, a_pool, b_pool, y = _operands(T, 72, 40, 8, torch.float32, seed=1)
@@ -140,7 +140,7 @@ def test_layouts_take_the_intended_torch_form(layout, monkeypatch):
     monkeypatch.setattr(lora_torch.torch, "bmm", bmm)
     monkeypatch.setattr(lora_torch.F, "grouped_mm", grouped_mm)
     monkeypatch.setattr(torch.Tensor, "index_select", index_select)
-    groups = TokenGroups.build(starts, lens, slots)
+    groups = TokenGroups.build(starts, lens, entries)
     assert lora_torch.form_of(groups) == form
     lora_torch.lora_expand(lora_torch.lora_shrink(x, a_pool, groups), b_pool, groups, y)
     expected = {"mm": (0, 0, 0), "padded": (2, 0, 0), "gather": (2, 0, 2), "segment": (0, 2, 2)}[form]
@@ -167,15 +167,15 @@ def test_padded_rows_place_each_row_by_entry():
 def test_token_groups_build_contiguous_and_gathered():
     g = TokenGroups.build([4, 6, 9], [2, 3, 1], [7, 0, 7])
     assert g.rows is None and g.row_start == 4 and g.num_rows == 6 and g.num_segments == 3
-    assert g.seg_lens.tolist() == [2, 3, 1] and g.seg_slots.tolist() == [7, 0, 7]
-    assert g.row_slots.tolist() == [7, 7, 0, 0, 0, 7]
+    assert g.seg_lens.tolist() == [2, 3, 1] and g.seg_entries.tolist() == [7, 0, 7]
+    assert g.row_entries.tolist() == [7, 7, 0, 0, 0, 7]
     assert g.seg_offsets.dtype == torch.int32 and g.seg_offsets.tolist() == [2, 5, 6]
     x = torch.arange(12.0).unsqueeze(1)
     assert g.gather_rows(x).squeeze(1).tolist() == [4, 5, 6, 7, 8, 9]
 
     g = TokenGroups.build([0, 5], [2, 1], [1, 2])
     assert g.rows is not None and g.rows.dtype == torch.long and g.rows.tolist() == [0, 1, 5]
-    assert g.num_rows == 3 and g.row_slots.tolist() == [1, 1, 2]
+    assert g.num_rows == 3 and g.row_entries.tolist() == [1, 1, 2]
     assert g.gather_rows(x).squeeze(1).tolist() == [0, 1, 5]
     y = torch.zeros(8, 2)
     g.scatter_add_rows(y[:, 1:], torch.ones(3, 1))  # into a column view
@@ -183,7 +183,7 @@ def test_token_groups_build_contiguous_and_gathered():
 
 
 # Zero-length segments: TokenGroups.build accepts them. They serve no row, contribute nothing,
-# and keep their place in seg_lens/seg_slots/seg_offsets (repeated offset), so they still count
+# and keep their place in seg_lens/seg_entries/seg_offsets (repeated offset), so they still count
 # in num_segments (which only moves the gather/segment threshold, not the result).
 ZERO_LAYOUTS = {
     "middle_contiguous_grouped": (12, [0, 4, 4], [4, 0, 6], [1, 3, 2]),
@@ -197,12 +197,12 @@ ZERO_LAYOUTS = {
 
 @pytest.mark.parametrize("layout", list(ZERO_LAYOUTS))
 def test_zero_length_segments_serve_nothing(layout):
-    T, starts, lens, slots = ZERO_LAYOUTS[layout]
-    g = TokenGroups.build(starts, lens, slots)
+    T, starts, lens, entries = ZERO_LAYOUTS[layout]
+    g = TokenGroups.build(starts, lens, entries)
     assert g.num_rows == sum(lens) and g.num_segments == len(lens)
     assert g.seg_offsets.tolist() == list(torch.tensor(lens, dtype=torch.long).cumsum(0).tolist())
-    assert g.row_slots.tolist() == [e for n, e in zip(lens, slots) for _ in range(n)]
-    served = _served(starts, lens, slots)
+    assert g.row_entries.tolist() == [e for n, e in zip(lens, entries) for _ in range(n)]
+    served = _served(starts, lens, entries)
     x, a_pool, b_pool, y0 = _operands(T, 72, 40, 8, torch.float32, seed=7)
     dense_xa, dense_y = _dense(x, a_pool, b_pool, y0, served)
     for ops in (lora_torch, lora_reference):
@@ -256,10 +256,10 @@ def test_several_rank_classes_accumulate_into_one_output(form):
 
 @pytest.mark.parametrize("layout", ["single", "decode_gaps", "prefill"])
 def test_expand_into_whole_contiguous_output(layout):
-    T, starts, lens, slots, _ = LAYOUTS[layout]
+    T, starts, lens, entries, _ = LAYOUTS[layout]
     x, a_pool, b_pool, y0 = _operands(T, 72, 40, 16, torch.float32, seed=3)
-    g = TokenGroups.build(starts, lens, slots)
-    _, dense_y = _dense(x, a_pool, b_pool, y0, _served(starts, lens, slots))
+    g = TokenGroups.build(starts, lens, entries)
+    _, dense_y = _dense(x, a_pool, b_pool, y0, _served(starts, lens, entries))
     for ops in (lora_torch, lora_reference):
         y = y0.clone()
         ops.lora_expand(ops.lora_shrink(x, a_pool, g), b_pool, g, y)
@@ -267,9 +267,9 @@ def test_expand_into_whole_contiguous_output(layout):
 
 
 def test_shrink_segment_form_with_unaligned_in_features():
-    T, starts, lens, slots, _ = LAYOUTS["prefill"]
+    T, starts, lens, entries, _ = LAYOUTS["prefill"]
     x, a_pool, _, _ = _operands(T, 70, 40, 8, torch.float32, seed=5)
-    g = TokenGroups.build(starts, lens, slots)
+    g = TokenGroups.build(starts, lens, entries)
     torch.testing.assert_close(lora_torch.lora_shrink(x, a_pool, g), lora_reference.lora_shrink(x, a_pool, g),
                                **F32_TOL)
 
@@ -342,9 +342,9 @@ def test_fused_problems_sharing_one_groups_object(layout):
     """Slices whose adapters share a layout get one `TokenGroups` object (as `LoraBatch` builds
     them): the shrink gathers and pads their rows once, and each slice still gets its own update
     (the one-segment form expands in place into its column slice)."""
-    T, starts, lens, slots, _ = LAYOUTS[layout]
-    g = TokenGroups.build(starts, lens, slots)
-    served = _served(starts, lens, slots)
+    T, starts, lens, entries, _ = LAYOUTS[layout]
+    g = TokenGroups.build(starts, lens, entries)
+    served = _served(starts, lens, entries)
     x, a1, b1, y0 = _operands(T, 72, 40, 8, torch.float32, seed=2, extra_cols=(3, 56))
     _, a2, b2, _ = _operands(T, 72, 56, 4, torch.float32, seed=3)
     y = y0.clone()

@@ -51,9 +51,9 @@ RANKS = [1, 3, 16, 17, 64, 128, 8, 33, 2, 100, 13]  # one per layout below, cycl
 DTYPES = [torch.float32, torch.float16]
 
 
-def _served(starts, lens, slots) -> list[tuple[int, int]]:
+def _served(starts, lens, entries) -> list[tuple[int, int]]:
     """(batch row, pool entry) of every served row, in served order, written out by hand."""
-    return [(s + k, e) for s, n, e in zip(starts, lens, slots) for k in range(n)]
+    return [(s + k, e) for s, n, e in zip(starts, lens, entries) for k in range(n)]
 
 
 def _operands(T, in_f, out_f, rank, dtype, seed, extra_cols=(3, 5), entries=NUM_POOL_ENTRIES):
@@ -78,9 +78,9 @@ def _dense(x, a_pool, b_pool, y, served):
     return xa, out
 
 
-def _run_triton(x, a_pool, b_pool, y, starts, lens, slots, device):
+def _run_triton(x, a_pool, b_pool, y, starts, lens, entries, device):
     """Shrink then expand on `device` (the CPU interpreter or a GPU); returns xa and y on the CPU."""
-    g = TokenGroups.build(starts, lens, slots, device)
+    g = TokenGroups.build(starts, lens, entries, device)
     xa = lora_triton.lora_shrink(x.to(device), a_pool.to(device), g)
     y_dev = y.to(device, copy=True)  # on the CPU .to() alone would alias y
     lora_triton.lora_expand(xa, b_pool.to(device), g, y_dev)
@@ -98,16 +98,16 @@ def _layout_cases():
 
 @pytest.mark.parametrize("layout,rank,dtype,in_f,out_f", list(_layout_cases()))
 def test_triton_matches_torch_reference_and_dense(layout, rank, dtype, in_f, out_f, triton_device):
-    T, starts, lens, slots = LAYOUTS[layout]
-    served = _served(starts, lens, slots)
+    T, starts, lens, entries = LAYOUTS[layout]
+    served = _served(starts, lens, entries)
     left = 3  # _operands pads y with 3 columns on the left (and 5 on the right)
     x, a_pool, b_pool, y_wide = _operands(T, in_f, out_f, rank, dtype, seed=rank * 1000 + in_f)
-    groups = TokenGroups.build(starts, lens, slots)
+    groups = TokenGroups.build(starts, lens, entries)
     dense_xa, dense_y = _dense(x, a_pool, b_pool, y_wide[:, left : left + out_f], served)
     dense_tol, pair_tol = (F32_TOL, F32_TOL) if dtype == torch.float32 else (F16_DENSE_TOL, F16_PAIR_TOL)
 
     # the kernel path: on the interpreter the wide y is passed as a column-slice view directly
-    g = TokenGroups.build(starts, lens, slots, triton_device)
+    g = TokenGroups.build(starts, lens, entries, triton_device)
     xa = lora_triton.lora_shrink(x.to(triton_device), a_pool.to(triton_device), g)
     assert xa.shape == (len(served), rank) and xa.dtype == dtype and xa.device.type == triton_device.type
     y = y_wide.to(triton_device, copy=True)  # on the CPU .to() alone would alias y_wide
@@ -135,16 +135,16 @@ def test_triton_matches_torch_reference_and_dense(layout, rank, dtype, in_f, out
 @pytest.mark.parametrize("rank", [1, 2, 4, 8, 15, 16, 31, 32, 48, 64, 128])
 def test_every_rank_matches_torch(rank, triton_device):
     """Ranks below, at and above multiples of the 16-wide rank tile, one rank class per call."""
-    T, starts, lens, slots = LAYOUTS["prefill_gaps"]
+    T, starts, lens, entries = LAYOUTS["prefill_gaps"]
     x, a_pool, b_pool, y_wide = _operands(T, 200, 136, rank, torch.float32, seed=rank, extra_cols=(0, 0))
-    xa, y = _run_triton(x, a_pool, b_pool, y_wide, starts, lens, slots, triton_device)
-    g = TokenGroups.build(starts, lens, slots)
+    xa, y = _run_triton(x, a_pool, b_pool, y_wide, starts, lens, entries, triton_device)
+    g = TokenGroups.build(starts, lens, entries)
     xa_torch = lora_torch.lora_shrink(x, a_pool, g)
     y_torch = y_wide.clone()
     lora_torch.lora_expand(xa_torch, b_pool, g, y_torch)
     torch.testing.assert_close(xa, xa_torch, **F32_TOL)
     torch.testing.assert_close(y, y_torch, **F32_TOL)
-    unserved = sorted(set(range(T)) - {row for row, _ in _served(starts, lens, slots)})
+    unserved = sorted(set(range(T)) - {row for row, _ in _served(starts, lens, entries)})
     assert torch.equal(y[unserved], y_wide[unserved])
 
 
@@ -205,15 +205,15 @@ def test_rank_classes_served_in_one_step(form, dtype, triton_device):
 
 def test_strided_inputs_and_outputs(triton_device):
     """x a column slice of a wider input; y a view whose columns are not contiguous (stride(1) != 1)."""
-    T, starts, lens, slots = LAYOUTS["prefill_gaps"]
+    T, starts, lens, entries = LAYOUTS["prefill_gaps"]
     in_f, out_f, rank = 72, 40, 16
     x, a_pool, b_pool, _ = _operands(T, in_f, out_f, rank, torch.float32, seed=21)
     x_wide = torch.randn(T, in_f + 9)
     x_wide[:, 4 : 4 + in_f] = x
     y_t = torch.randn(out_f + 7, T)  # y is y_t.t()[:, 2 : 2 + out_f]: strides (1, T)
-    dense_xa, dense_y = _dense(x, a_pool, b_pool, y_t.t()[:, 2 : 2 + out_f], _served(starts, lens, slots))
+    dense_xa, dense_y = _dense(x, a_pool, b_pool, y_t.t()[:, 2 : 2 + out_f], _served(starts, lens, entries))
 
-    g_dev = TokenGroups.build(starts, lens, slots, triton_device)
+    g_dev = TokenGroups.build(starts, lens, entries, triton_device)
     xa = lora_triton.lora_shrink(x_wide.to(triton_device)[:, 4 : 4 + in_f], a_pool.to(triton_device), g_dev)
     y_t_dev = y_t.to(triton_device, copy=True)
     y_view = y_t_dev.t()[:, 2 : 2 + out_f]
@@ -240,9 +240,9 @@ def test_one_launch_per_call_with_the_segment_grid(monkeypatch, triton_device):
 
     for name in ("shrink_kernel", "expand_kernel"):
         monkeypatch.setattr(lora_triton, name, Spy(name, getattr(lora_triton, name)))
-    T, starts, lens, slots = LAYOUTS["prefill_long"]  # longest segment 37 rows
+    T, starts, lens, entries = LAYOUTS["prefill_long"]  # longest segment 37 rows
     x, a_pool, b_pool, y = _operands(T, 200, 136, 33, torch.float32, seed=2, extra_cols=(0, 0))
-    _run_triton(x, a_pool, b_pool, y, starts, lens, slots, triton_device)
+    _run_triton(x, a_pool, b_pool, y, starts, lens, entries, triton_device)
     m = lora_triton
     assert launches == [
         ("shrink_kernel", (-(-37 // m.SHRINK_BLOCK_M), -(-33 // m.SHRINK_BLOCK_R), 3)),
@@ -250,9 +250,9 @@ def test_one_launch_per_call_with_the_segment_grid(monkeypatch, triton_device):
     ]
     launches.clear()
     for layout in ("only_zero", "no_segment"):
-        T, starts, lens, slots = LAYOUTS[layout]
+        T, starts, lens, entries = LAYOUTS[layout]
         x, a_pool, b_pool, y = _operands(T, 72, 40, 8, torch.float32, seed=3, extra_cols=(0, 0))
-        xa, y_out = _run_triton(x, a_pool, b_pool, y, starts, lens, slots, triton_device)
+        xa, y_out = _run_triton(x, a_pool, b_pool, y, starts, lens, entries, triton_device)
         assert xa.shape == (0, 8) and torch.equal(y_out, y)
     assert launches == []
 
@@ -266,15 +266,15 @@ def test_block_sizes_are_fixed_and_fit_tl_dot():
 
 
 def test_launch_metadata_is_memoised_per_groups_object(triton_device):
-    T, starts, lens, slots = LAYOUTS["decode_gaps"]
+    T, starts, lens, entries = LAYOUTS["decode_gaps"]
     x, a_pool, b_pool, _ = _operands(T, 72, 40, 4, torch.float32, seed=4)
-    g = TokenGroups.build(starts, lens, slots, triton_device)
+    g = TokenGroups.build(starts, lens, entries, triton_device)
     x, a_pool = x.to(triton_device), a_pool.to(triton_device)
     first = lora_triton.lora_shrink(x, a_pool, g)
     key = (id(g),)
     meta = triton_launch._META[key]
     assert meta.rows.tolist() == [0, 2, 3, 7, 9] and meta.seg_starts.tolist() == [0, 1, 2, 3, 4]
-    assert (meta.max_seg_len, meta.max_slots, meta.max_rows) == (1, [4], [9])
+    assert (meta.max_seg_len, meta.max_entries, meta.max_rows) == (1, [4], [9])
     assert torch.equal(lora_triton.lora_shrink(x, a_pool, g), first)
     assert triton_launch._META[key] is meta
     del g
@@ -393,10 +393,10 @@ def test_fused_ops_one_launch_each_match_torch_and_dense(form, dtype, fused_case
 
 
 def test_fused_ops_with_one_problem_equal_the_single_ops(triton_device):
-    T, starts, lens, slots = LAYOUTS["prefill_gaps"]
+    T, starts, lens, entries = LAYOUTS["prefill_gaps"]
     x, a_pool, b_pool, y_wide = _operands(T, 72, 40, 17, torch.float32, seed=8)
     dev = triton_device
-    g = TokenGroups.build(starts, lens, slots, dev)
+    g = TokenGroups.build(starts, lens, entries, dev)
     x, a_pool, b_pool = x.to(dev), a_pool.to(dev), b_pool.to(dev)
     y_single, y_fused = y_wide.to(dev, copy=True), y_wide.to(dev, copy=True)
     xa = lora_triton.lora_shrink(x, a_pool, g)
@@ -412,11 +412,11 @@ def test_fused_ops_refuse_bad_problem_lists(triton_device):
     x, a, b = torch.randn(6, 72, device=dev), torch.randn(3, 8, 72, device=dev), torch.randn(3, 40, 8, device=dev)
     xa, y = torch.randn(4, 8, device=dev), torch.randn(6, 100, device=dev)
     cases = [
-        (lambda: lora_triton.lora_shrink_fused(x, [a, a], [g]), ["a_pools", "2 entries", "groups has 1"]),
+        (lambda: lora_triton.lora_shrink_fused(x, [a, a], [g]), ["a_pools", "2 items", "groups has 1"]),
         (lambda: lora_triton.lora_shrink_fused(x, [a, a[:, :, :70]], [g, g]), ["a_pools[1]", "in=70", "in=72"]),
         (lambda: lora_triton.lora_shrink_fused(x, [a, a[:2]], [g, g]), ["pool entry 2", "a_pools[1]"]),
         (lambda: lora_triton.lora_expand_fused([xa], [b], [g], y, [61]), ["cols[0]=61", "out=40", "out=100"]),
-        (lambda: lora_triton.lora_expand_fused([xa, xa], [b, b], [g, g], y, [0]), ["cols", "1 entries"]),
+        (lambda: lora_triton.lora_expand_fused([xa, xa], [b, b], [g, g], y, [0]), ["cols", "1 items"]),
         (lambda: lora_triton.lora_expand_fused([xa[:3]], [b], [g], y, [0]), ["xas[0]", "3 rows", "num_rows=4"]),
     ]
     for call, words in cases:

@@ -86,7 +86,7 @@ def _tables(assignments: dict[str, list[tuple[int, int]]]) -> dict[str, RankTabl
 
 def _layout(groups):
     return (None if groups.rows is None else groups.rows.tolist(), groups.row_start, groups.num_rows,
-            groups.seg_lens.tolist(), groups.seg_slots.tolist())
+            groups.seg_lens.tolist(), groups.seg_entries.tolist())
 
 
 def test_all_base_batch_is_none():
@@ -108,7 +108,7 @@ def test_consecutive_sequences_of_one_slot_merge_into_one_segment():
     assert rank == 4
     e0, e1 = tables["q_proj"].entries[0][1], tables["q_proj"].entries[1][1]
     assert _layout(g) == (None, 0, 15, [5, 5, 5], [e0, e1, e0])
-    assert g.row_slots.tolist() == [e0] * 5 + [e1] * 5 + [e0] * 5
+    assert g.row_entries.tolist() == [e0] * 5 + [e1] * 5 + [e0] * 5
 
 
 def test_base_rows_between_segments_give_an_index_and_stop_merging():
@@ -162,7 +162,7 @@ def test_identical_layouts_share_one_token_groups_object():
     assert batch.groups["q_proj"][0][1] is not batch.groups["q_proj"][1][1]  # rank 4 vs rank 8
     o4 = batch.groups["o_proj"][0][1]
     assert o4 is not batch.groups["q_proj"][0][1]
-    assert o4.seg_slots.tolist() == [tables["o_proj"].entries[0][1]] * 2 == [1, 1]
+    assert o4.seg_entries.tolist() == [tables["o_proj"].entries[0][1]] * 2 == [1, 1]
     # rank-8 layout is the same in o_proj (entry 0), so it is shared as well
     assert batch.groups["o_proj"][1][1] is batch.groups["q_proj"][1][1]
 
