@@ -68,7 +68,7 @@ class PagedLayout:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] long: flat cache row (block * block_size + offset) of each new token
+    kv_positions: torch.Tensor  # [T] long: KV position (flat cache row: block * block_size + offset) of each new token
     prefill: PrefillLayout | None = None  # set: the whole step is a prefill from position 0
     decode: PagedLayout | None = None  # one query per sequence
     chunks: PagedLayout | None = None  # queries continuing a cached prefix (mixed steps)
@@ -76,7 +76,7 @@ class AttentionMetadata:
     chunk_rows: torch.Tensor | None = None  # [C] batch rows of the chunk queries
 
     @staticmethod
-    def for_prefill(seq_lens: list[int], slot_mapping: torch.Tensor, device: torch.device) -> "AttentionMetadata":
+    def for_prefill(seq_lens: list[int], kv_positions: torch.Tensor, device: torch.device) -> "AttentionMetadata":
         max_len = max(seq_lens)
         lens = torch.tensor(seq_lens, device=device)
         starts = torch.arange(len(seq_lens), device=device) * max_len
@@ -84,34 +84,35 @@ class AttentionMetadata:
         pos = torch.arange(max_len, device=device)
         causal = pos[None, :] <= pos[:, None]  # [L, L] query i sees keys j <= i
         mask = causal[None, None] & (pos[None, None, None, :] < lens[:, None, None, None])
-        return AttentionMetadata(slot_mapping, prefill=PrefillLayout(len(seq_lens), max_len, token_index, mask))
+        return AttentionMetadata(kv_positions, prefill=PrefillLayout(len(seq_lens), max_len, token_index, mask))
 
     @staticmethod
     def for_decode(
         block_tables: list[list[int]], context_lens: list[int], block_size: int,
-        slot_mapping: torch.Tensor, device: torch.device, pad_block: int,
+        kv_positions: torch.Tensor, device: torch.device, pad_block: int,
     ) -> "AttentionMetadata":
         starts = [n - 1 for n in context_lens]
-        return AttentionMetadata(slot_mapping, decode=PagedLayout.build(block_tables, starts, [1] * len(starts),
+        return AttentionMetadata(kv_positions, decode=PagedLayout.build(block_tables, starts, [1] * len(starts),
                                                                         block_size, device, pad_block))
 
     @staticmethod
     def for_mixed(
         decode_rows: list[int], chunk_rows: list[int], decode: PagedLayout | None, chunks: PagedLayout | None,
-        slot_mapping: torch.Tensor, device: torch.device,
+        kv_positions: torch.Tensor, device: torch.device,
     ) -> "AttentionMetadata":
         """decode_rows / chunk_rows: batch rows of the queries each layout serves, in its order."""
         def rows(r: list[int]) -> torch.Tensor | None:
             return torch.tensor(r, dtype=torch.long, device=device) if r else None
 
-        return AttentionMetadata(slot_mapping, decode=decode, chunks=chunks, decode_rows=rows(decode_rows),
+        return AttentionMetadata(kv_positions, decode=decode, chunks=chunks, decode_rows=rows(decode_rows),
                                  chunk_rows=rows(chunk_rows))
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """Store new keys/values k, v [T, kv_heads, head_dim] at flat cache rows `slots` [T]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             kv_positions: torch.Tensor) -> None:
+    """Store new keys/values k, v [T, kv_heads, head_dim] at their KV positions [T] (flat cache rows)."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, kv_positions, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, kv_positions, v)
 
 
 def attention(

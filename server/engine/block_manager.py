@@ -148,6 +148,6 @@ class BlockManager:
                     self._free.append(block)
         table.clear()
 
-    def slot(self, table: list[int], position: int) -> int:
-        """Flat cache row of the token at `position`."""
+    def kv_position(self, table: list[int], position: int) -> int:
+        """The KV position of the token at `position`: its flat cache row (block * block_size + offset)."""
         return table[position // self.block_size] * self.block_size + position % self.block_size

@@ -78,7 +78,7 @@ class DecoderLayer(nn.Module):
                         cos, sin)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         v = qkv[:, s.q_size + s.kv_size :].reshape(num_tokens, s.num_kv_heads, s.head_dim)
-        write_kv(kv[0], kv[1], k, v, batch.attn.slot_mapping)
+        write_kv(kv[0], kv[1], k, v, batch.attn.kv_positions)
         o = attention(q, k, v, kv[0], kv[1], batch.attn)
         h = h + self.proj["o_proj"](o, batch.lora, ops, batch.merge)
         gate_up = self.proj["gate_up_proj"](rms_norm(h, self.post_norm, s.rms_norm_eps), batch.lora, ops, batch.merge)

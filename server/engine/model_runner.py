@@ -88,22 +88,17 @@ class ModelRunner:
             row += c.length
         return failing
 
-    def _slot(self, seq: Sequence, position: int) -> int:
-        """Flat cache row (block * block_size + offset) of `position` of `seq`."""
-        bs = self.blocks.block_size
-        return seq.block_table[position // bs] * bs + position % bs
-
     def _chunk_batch(self, chunks: list[Chunk], all_logits: bool = False) -> ForwardBatch:
         """Inputs of any chunks, rows in `chunks` order. Attention is one padded prefill when every
         chunk starts at position 0, else mixed (attention.py). Logits: every row with
         `all_logits`, else the last row of each chunk that samples."""
-        ids, positions, slots, logit_rows, soft_rows, soft_vectors = [], [], [], [], [], []
+        ids, positions, kv_positions, logit_rows, soft_rows, soft_vectors = [], [], [], [], [], []
         row = 0
         for c in chunks:
             seq = c.seq
             ids += seq.chunk_ids(c.start, c.end)
             positions += range(c.start, c.end)
-            slots += [self._slot(seq, p) for p in range(c.start, c.end)]
+            kv_positions += [self.blocks.kv_position(seq.block_table, p) for p in range(c.start, c.end)]
             virtual = seq.num_virtual_in(c.start, c.end)
             if virtual:
                 soft_rows += range(row, row + virtual)
@@ -115,11 +110,11 @@ class ModelRunner:
             row += c.length
         dev = self.device
         seqs, lengths = [c.seq for c in chunks], [c.length for c in chunks]
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        kv = torch.tensor(kv_positions, dtype=torch.long, device=dev)
         if all(c.start == 0 for c in chunks):
-            attn = AttentionMetadata.for_prefill(lengths, slot_mapping, dev)
+            attn = AttentionMetadata.for_prefill(lengths, kv, dev)
         else:
-            attn = self._mixed_attention(chunks, slot_mapping)
+            attn = self._mixed_attention(chunks, kv)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -131,7 +126,7 @@ class ModelRunner:
             soft_vectors=torch.cat(soft_vectors) if soft_vectors else None,
         )
 
-    def _mixed_attention(self, chunks: list[Chunk], slot_mapping: torch.Tensor) -> AttentionMetadata:
+    def _mixed_attention(self, chunks: list[Chunk], kv_positions: torch.Tensor) -> AttentionMetadata:
         """Chunks of one position are served as decode rows, longer ones as chunk rows."""
         decode_rows, chunk_rows, decodes, longer = [], [], [], []
         row = 0
@@ -144,7 +139,7 @@ class ModelRunner:
                 longer.append(c)
             row += c.length
         return AttentionMetadata.for_mixed(decode_rows, chunk_rows, self._paged_layout(decodes),
-                                           self._paged_layout(longer), slot_mapping, self.device)
+                                           self._paged_layout(longer), kv_positions, self.device)
 
     def _paged_layout(self, chunks: list[Chunk]) -> PagedLayout | None:
         """Layout of chunks whose keys are read from the cache: each sees its blocks up to its end."""
@@ -158,12 +153,13 @@ class ModelRunner:
         dev = self.device
         bs = self.blocks.block_size
         positions = [s.num_tokens - 1 for s in seqs]
-        slot_mapping = torch.tensor([self._slot(s, p) for s, p in zip(seqs, positions)], dtype=torch.long, device=dev)
+        kv_positions = torch.tensor([self.blocks.kv_position(s.block_table, p) for s, p in zip(seqs, positions)],
+                                    dtype=torch.long, device=dev)
         return ForwardBatch(
             input_ids=torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attn=AttentionMetadata.for_decode(
-                [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, slot_mapping, dev,
+                [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, kv_positions, dev,
                 self.blocks.pad_block,
             ),
             lora=self._decode_lora_batch(self._lora_slots(seqs)),
