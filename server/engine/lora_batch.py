@@ -10,7 +10,8 @@ is allocated without touching it, so only entries written take memory, and no la
 copies the pool inside a step (growing a rank-64 pool from 8 to 16 entries took ~300 ms).
 
 `LoraBatch` is built once per step and shared by all layers: for each projection type, the
-`TokenGroups` of each rank class present in the batch.
+`TokenGroups` of each rank class present in the batch, and the step's `LoraOps` (the reference,
+torch or Triton path) that serve them, so a layer's forward takes `(x, batch)` and nothing else.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraplex.kernels import TokenGroups
+from loraplex.kernels import LoraOps, TokenGroups
 
 
 class RankTable:
@@ -62,8 +63,9 @@ class RankTable:
 
 @dataclass
 class LoraBatch:
-    """The rows of one step grouped by rank class, per projection type."""
+    """The rows of one step grouped by rank class, per projection type, and the ops that serve them."""
 
+    ops: LoraOps
     groups: dict[str, list[tuple[int, TokenGroups]]] = field(default_factory=dict)
 
     @staticmethod
@@ -72,8 +74,11 @@ class LoraBatch:
         seq_num_rows: list[int],
         tables: dict[str, RankTable],
         device: torch.device | str = "cpu",
+        *,
+        ops: LoraOps,
     ) -> "LoraBatch | None":
         """seq_slots[b] is sequence b's slot (-1: none); its rows follow the previous sequence's.
+        `ops`: the path every layer runs this batch's updates on.
 
         Consecutive sequences of one slot merge into one segment, so the runner orders the
         batch by slot to get one segment per adapter.
@@ -89,7 +94,7 @@ class LoraBatch:
             elif slot >= 0:
                 runs.append([slot, row, n])
             row += n
-        batch = LoraBatch()
+        batch = LoraBatch(ops)
         built: dict[tuple, TokenGroups] = {}  # projections with the same layout share their groups
         for proj, table in tables.items():
             by_rank: dict[int, tuple[list[int], list[int], list[int]]] = {}

@@ -6,8 +6,6 @@ and each projection (a "slice" of the output columns) has its own rank pools.
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import nn
 
@@ -29,9 +27,10 @@ class LoraLinear(nn.Module):
         # projection -> rank -> (A pool [cap, r, in], scale * B pool [cap, out, r]), PEFT's layout
         self.pools: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in self.slices}
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType, merge=None) -> torch.Tensor:
-        """x [T, in] -> y [T, sum(out)]. `merge` (a merging.MergeStep) says how rows use the merged
-        copy, when this layer has one; rows of the merged adapter are absent from `lora`."""
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None, merge=None) -> torch.Tensor:
+        """x [T, in] -> y [T, sum(out)]; `lora` carries the step's groups and the ops that apply them.
+        `merge` (a merging.MergeStep) says how rows use the merged copy, when this layer has one;
+        rows of the merged adapter are absent from `lora`."""
         if merge is None or self.merged is None:
             y = self.base(x)
         elif merge.mode == "split":
@@ -41,13 +40,14 @@ class LoraLinear(nn.Module):
         else:
             y = self.merged(x)
             if merge.mode == "correct":  # the others remove the merged update: its update of -x
-                self._add_updates(-x, merge.correction, ops, y)
-        self._add_updates(x, lora, ops, y)
+                self._add_updates(-x, merge.correction, y)
+        self._add_updates(x, lora, y)
         return y
 
-    def _add_updates(self, x: torch.Tensor, lora: LoraBatch | None, ops: ModuleType, y: torch.Tensor) -> None:
-        """y += every row's own low-rank update: one fused shrink and one fused expand serve every
-        slice and every rank class of this layer (one launch each on the Triton path)."""
+    def _add_updates(self, x: torch.Tensor, lora: LoraBatch | None, y: torch.Tensor) -> None:
+        """y [T, sum(out)] += every row's own low-rank update of x [T, in], on `lora.ops`: one fused
+        shrink and one fused expand serve every slice and every rank class of this layer (one
+        launch each on the Triton path)."""
         if lora is None:
             return
         a_pools, b_pools, groups, cols = [], [], [], []
@@ -59,7 +59,8 @@ class LoraLinear(nn.Module):
                 groups.append(g)
                 cols.append(col)
         if groups:
-            ops.lora_expand_fused(ops.lora_shrink_fused(x, a_pools, groups), b_pools, groups, y, cols)
+            xas = lora.ops.lora_shrink_fused(x, a_pools, groups)  # xas[p] [n_p, r_p]
+            lora.ops.lora_expand_fused(xas, b_pools, groups, y, cols)
 
     @property
     def out_features(self) -> int:

@@ -13,7 +13,6 @@ attention.py), so a row that went non-finite fails only its own sequence (engine
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +67,11 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
-        kv: tuple[torch.Tensor, torch.Tensor], ops: ModuleType,
+        kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         s = self.spec
         num_tokens = h.shape[0]
-        qkv = self.proj["qkv_proj"](rms_norm(h, self.input_norm, s.rms_norm_eps), batch.lora, ops, batch.merge)
+        qkv = self.proj["qkv_proj"](rms_norm(h, self.input_norm, s.rms_norm_eps), batch.lora, batch.merge)
         # q and k rotate in one pass: their columns are adjacent, heads then kv heads
         qk = apply_rope(qkv[:, : s.q_size + s.kv_size].view(num_tokens, s.num_heads + s.num_kv_heads, s.head_dim),
                         cos, sin)
@@ -80,10 +79,10 @@ class DecoderLayer(nn.Module):
         v = qkv[:, s.q_size + s.kv_size :].reshape(num_tokens, s.num_kv_heads, s.head_dim)
         write_kv(kv[0], kv[1], k, v, batch.attn.kv_positions)
         o = attention(q, k, v, kv[0], kv[1], batch.attn)
-        h = h + self.proj["o_proj"](o, batch.lora, ops, batch.merge)
-        gate_up = self.proj["gate_up_proj"](rms_norm(h, self.post_norm, s.rms_norm_eps), batch.lora, ops, batch.merge)
+        h = h + self.proj["o_proj"](o, batch.lora, batch.merge)
+        gate_up = self.proj["gate_up_proj"](rms_norm(h, self.post_norm, s.rms_norm_eps), batch.lora, batch.merge)
         gate, up = gate_up.split([s.intermediate_size, s.intermediate_size], dim=-1)
-        return h + self.proj["down_proj"](F.silu(gate) * up, batch.lora, ops, batch.merge)
+        return h + self.proj["down_proj"](F.silu(gate) * up, batch.lora, batch.merge)
 
 
 class CausalLM(nn.Module):
@@ -115,7 +114,7 @@ class CausalLM(nn.Module):
     def lora_layers(self) -> list[LoraLinear]:
         return [p for layer in self.layers for p in layer.proj.values()]
 
-    def forward(self, batch: ForwardBatch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]], ops: ModuleType
+    def forward(self, batch: ForwardBatch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logits [R, vocab] float32 for batch.logit_rows, finite [T] bool: per row, whether its
         final hidden state and (for logit rows) its logits are finite, see `finite_rows`)."""
@@ -125,7 +124,7 @@ class CausalLM(nn.Module):
         cos = self.cos.index_select(0, batch.positions)[:, None, :]
         sin = self.sin.index_select(0, batch.positions)[:, None, :]
         for layer, kv in zip(self.layers, kv_cache):
-            h = layer(h, cos, sin, batch, kv, ops)
+            h = layer(h, cos, sin, batch, kv)
         finite = finite_rows(h)
         h = rms_norm(h.index_select(0, batch.logit_rows), self.norm, self.spec.rms_norm_eps)
         logits = self.lm_head(h).float()

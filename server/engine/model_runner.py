@@ -12,9 +12,9 @@ engine fails those alone, before their blocks can enter the prefix cache.
 """
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
+
+from loraplex.kernels import LoraOps
 
 from .adapter_slots import AdapterSlots
 from .attention import AttentionMetadata, PagedLayout
@@ -26,7 +26,7 @@ from .sequence import Chunk, Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, blocks: BlockManager, slots: AdapterSlots, ops: ModuleType,
+    def __init__(self, model: CausalLM, blocks: BlockManager, slots: AdapterSlots, ops: LoraOps,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
         self._decode_lora: tuple[tuple, LoraBatch | None] | None = None  # (layout key, batch) of the last decode
@@ -56,7 +56,7 @@ class ModelRunner:
         else:
             batch = self._chunk_batch(ordered)
         self._zero_fresh_blocks()
-        logits, finite = self.model(batch, self.kv_cache, self.ops)
+        logits, finite = self.model(batch, self.kv_cache)
         self.non_finite = [] if bool(finite.all()) else self._failing(ordered, finite)
         return logits, [c.seq for c in ordered if c.samples]
 
@@ -66,7 +66,7 @@ class ModelRunner:
         ordered = sorted(seqs, key=lambda s: s.slot)
         batch = self._chunk_batch([Chunk(s, 0, s.num_tokens) for s in ordered], all_logits=True)
         self._zero_fresh_blocks()
-        logits, _ = self.model(batch, self.kv_cache, self.ops)
+        logits, _ = self.model(batch, self.kv_cache)
         per_seq = dict(zip((id(s) for s in ordered), logits.split([s.num_tokens for s in ordered])))
         return torch.cat([per_seq[id(s)] for s in seqs])
 
@@ -119,7 +119,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attn=attn,
-            lora=LoraBatch.build(self._lora_slots(seqs), lengths, self.slots.tables, dev),
+            lora=LoraBatch.build(self._lora_slots(seqs), lengths, self.slots.tables, dev, ops=self.ops),
             merge=self._merge_step(seqs, lengths),
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             soft_rows=torch.tensor(soft_rows, dtype=torch.long, device=dev) if soft_rows else None,
@@ -180,7 +180,8 @@ class ModelRunner:
             return None if mode is None else MergeStep("merged")
         if mode == "correct":
             others = [-1 if m else self.merged_slot for m in merged]
-            return MergeStep("correct", correction=LoraBatch.build(others, rows, self.slots.tables, self.device))
+            correction = LoraBatch.build(others, rows, self.slots.tables, self.device, ops=self.ops)
+            return MergeStep("correct", correction=correction)
         return MergeStep("split", merged_rows=self._rows_where(rows, merged, True),
                          other_rows=self._rows_where(rows, merged, False))
 
@@ -198,6 +199,6 @@ class ModelRunner:
         in them change (a decode batch keeps its make-up for many steps)."""
         key = (tuple(seq_slots), self.slots.version)
         if self._decode_lora is None or self._decode_lora[0] != key:
-            batch = LoraBatch.build(seq_slots, [1] * len(seq_slots), self.slots.tables, self.device)
+            batch = LoraBatch.build(seq_slots, [1] * len(seq_slots), self.slots.tables, self.device, ops=self.ops)
             self._decode_lora = (key, batch)
         return self._decode_lora[1]

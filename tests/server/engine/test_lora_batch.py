@@ -1,4 +1,5 @@
-"""RankTable (slot -> rank-class pool entry) and LoraBatch.build (rows of a step grouped by rank class)."""
+"""RankTable (slot -> rank-class pool entry) and LoraBatch.build (rows of a step grouped by rank class,
+with the ops that serve them)."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 from loraplex.kernels import lora_reference, lora_torch
 from loraplex.server.engine.lora_batch import LoraBatch, RankTable
 from loraplex.server.engine.lora_layer import LoraLinear, store
+
+OPS = lora_torch  # the ops a built batch carries (grouping does not depend on them)
 
 # RankTable --------------------------------------------------------------------------------
 
@@ -91,19 +94,19 @@ def _layout(groups):
 
 def test_all_base_batch_is_none():
     tables = _tables({"q_proj": [(0, 4)], "v_proj": [(0, 4)]})
-    assert LoraBatch.build([-1, -1, -1], [5, 1, 3], tables) is None
-    assert LoraBatch.build([], [], tables) is None
+    assert LoraBatch.build([-1, -1, -1], [5, 1, 3], tables, ops=OPS) is None
+    assert LoraBatch.build([], [], tables, ops=OPS) is None
 
 
 def test_slots_no_table_knows_give_none():
     tables = _tables({"q_proj": [(0, 4)]})
-    assert LoraBatch.build([-1, 5], [2, 3], tables) is None
+    assert LoraBatch.build([-1, 5], [2, 3], tables, ops=OPS) is None
 
 
 def test_consecutive_sequences_of_one_slot_merge_into_one_segment():
     tables = _tables({"q_proj": [(0, 4), (1, 4)]})
     # rows: slot0 [0,3) [3,5) | slot1 [5,9) [9,10) | slot0 [10,15)
-    batch = LoraBatch.build([0, 0, 1, 1, 0], [3, 2, 4, 1, 5], tables)
+    batch = LoraBatch.build([0, 0, 1, 1, 0], [3, 2, 4, 1, 5], tables, ops=OPS)
     [(rank, g)] = batch.groups["q_proj"]
     assert rank == 4
     e0, e1 = tables["q_proj"].entries[0][1], tables["q_proj"].entries[1][1]
@@ -114,21 +117,21 @@ def test_consecutive_sequences_of_one_slot_merge_into_one_segment():
 def test_base_rows_between_segments_give_an_index_and_stop_merging():
     tables = _tables({"q_proj": [(0, 4)]})
     # -1 rows in front and between two runs of slot 0: not merged, rows gathered
-    batch = LoraBatch.build([-1, 0, -1, 0, 0], [2, 3, 1, 1, 1], tables)
+    batch = LoraBatch.build([-1, 0, -1, 0, 0], [2, 3, 1, 1, 1], tables, ops=OPS)
     [(_, g)] = batch.groups["q_proj"]
     assert _layout(g) == ([2, 3, 4, 6, 7], 0, 5, [3, 2], [0, 0])
 
 
 def test_base_rows_only_in_front_keep_the_contiguous_fast_path():
     tables = _tables({"q_proj": [(0, 4), (1, 4)]})
-    batch = LoraBatch.build([-1, -1, 0, 1], [1, 1, 1, 1], tables)  # decode form
+    batch = LoraBatch.build([-1, -1, 0, 1], [1, 1, 1, 1], tables, ops=OPS)  # decode form
     [(_, g)] = batch.groups["q_proj"]
     assert _layout(g) == (None, 2, 2, [1, 1], [0, 1])
 
 
 def test_different_ranks_land_in_different_rank_classes_sorted_by_rank():
     tables = _tables({"q_proj": [(0, 16), (1, 4), (2, 16)]})
-    batch = LoraBatch.build([-1, 0, 1, 2], [2, 3, 4, 1], tables)
+    batch = LoraBatch.build([-1, 0, 1, 2], [2, 3, 4, 1], tables, ops=OPS)
     groups = batch.groups["q_proj"]
     assert [r for r, _ in groups] == [4, 16]
     (_, g4), (_, g16) = groups
@@ -140,14 +143,14 @@ def test_different_ranks_land_in_different_rank_classes_sorted_by_rank():
 def test_a_projection_the_adapter_does_not_target_has_no_group_for_it():
     # slot 0 adapts q and v, slot 1 only q; nothing in the batch adapts gate_proj
     tables = _tables({"q_proj": [(0, 4), (1, 8)], "v_proj": [(0, 4)], "gate_proj": [(7, 4)]})
-    batch = LoraBatch.build([0, 1], [3, 2], tables)
+    batch = LoraBatch.build([0, 1], [3, 2], tables, ops=OPS)
     assert set(batch.groups) == {"q_proj", "v_proj"}
     [(_, gv)] = batch.groups["v_proj"]
     assert _layout(gv) == (None, 0, 3, [3], [0])
     q_rows = sorted(r for _, g in batch.groups["q_proj"] for r in range(g.row_start, g.row_start + g.num_rows))
     assert q_rows == [0, 1, 2, 3, 4]
     # a batch of only slot 1 has no v_proj work at all
-    batch = LoraBatch.build([-1, 1], [3, 2], tables)
+    batch = LoraBatch.build([-1, 1], [3, 2], tables, ops=OPS)
     assert set(batch.groups) == {"q_proj"}
 
 
@@ -155,7 +158,7 @@ def test_identical_layouts_share_one_token_groups_object():
     tables = _tables({"q_proj": [(0, 4), (1, 8)], "k_proj": [(0, 4), (1, 8)], "v_proj": [(0, 4), (1, 8)],
                       # same slots, but the rank-4 entry differs in o_proj (slot 9 took entry 0 first)
                       "o_proj": [(9, 4), (0, 4), (1, 8)]})
-    batch = LoraBatch.build([0, 1, 0], [2, 2, 2], tables)
+    batch = LoraBatch.build([0, 1, 0], [2, 2, 2], tables, ops=OPS)
     for rank_index in range(2):
         objs = [batch.groups[p][rank_index][1] for p in ("q_proj", "k_proj", "v_proj")]
         assert objs[0] is objs[1] is objs[2]
@@ -169,7 +172,7 @@ def test_identical_layouts_share_one_token_groups_object():
 
 def test_token_groups_follow_the_requested_device_and_dtypes():
     tables = _tables({"q_proj": [(0, 4), (1, 4)]})
-    batch = LoraBatch.build([0, -1, 1], [3, 1, 3], tables, device="cpu")
+    batch = LoraBatch.build([0, -1, 1], [3, 1, 3], tables, device="cpu", ops=OPS)
     [(_, g)] = batch.groups["q_proj"]
     assert g.rows.dtype == torch.long and g.seg_offsets.dtype == torch.int32
     assert g.seg_offsets.tolist() == [3, 6]
@@ -199,9 +202,10 @@ def test_lora_linear_fused_slices_match_a_dense_per_row_update(ops, rows_per_seq
             weights[(slot, proj)] = (a, b)
     seq_slots = [-1, 2, 2, 0, 1, -1, 1]
     x = torch.randn(len(seq_slots) * rows_per_seq, in_f)
-    batch = LoraBatch.build(seq_slots, [rows_per_seq] * len(seq_slots), tables)
+    batch = LoraBatch.build(seq_slots, [rows_per_seq] * len(seq_slots), tables, ops=ops)
+    assert batch.ops is ops  # every layer runs the step on the ops its batch carries
     with torch.no_grad():
-        y = layer(x, batch, ops)
+        y = layer(x, batch)
         expected = base(x)
     col = {"q_proj": 0, "v_proj": outs["q_proj"]}
     for b, slot in enumerate(seq_slots):
