@@ -295,7 +295,7 @@ def test_without_decodes_a_burst_copies_every_adapter_in_one_step(tiny_model, ti
 
 
 def test_preemption_with_chunked_prefill_recomputes_correctly(tiny_model, tiny_adapters, solo):
-    # 16 blocks of 4 = 64 KV slots for six requests needing 22-27 each; at most 6 prompt positions
+    # 16 blocks of 4 = 64 KV positions for six requests needing 22-27 each; at most 6 prompt positions
     # per step, 3 while others decode: prefills and their recomputations run in chunks
     engine = make_engine(tiny_model, tiny_adapters, max_total_tokens=64, max_batch_tokens=6, prefill_chunk_tokens=3)
     mix = [(None, None), ("attn4", None), ("mlp8", None), ("rs2", None), (None, "soft"), ("all16", "soft")]
