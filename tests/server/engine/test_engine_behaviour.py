@@ -239,8 +239,8 @@ def test_max_batch_tokens_splits_prefills(tiny_model, tiny_adapters, solo_cache)
 
 
 def test_preemption_recomputes_lora_and_soft_prompt_sequences(tiny_model, tiny_adapters, solo_cache):
-    # 16 blocks of 4 = 64 KV slots; six requests of 10 (+5 virtual for soft) prompt tokens and
-    # 12 new tokens need 22-27 slots each, 146 in all: some must be preempted and recomputed.
+    # 16 blocks of 4 = 64 KV positions; six requests of 10 (+5 virtual for soft) prompt tokens and
+    # 12 new tokens need 22-27 KV positions each, 146 in all: some must be preempted and recomputed.
     engine = make_engine(tiny_model, tiny_adapters, block_size=4, max_total_tokens=64)
     mix = [(None, None), ("attn4", None), ("mlp8", None), ("rs2", None), (None, "soft"), ("all16", "soft")]
     for name in ("attn4", "mlp8", "rs2", "all16"):  # resident already, so no request waits for a read
