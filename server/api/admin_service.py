@@ -20,7 +20,6 @@ from loraplex.adapters_store.errors import StoreError
 from loraplex.adapters_store.names import parse_ref, validate_file_name, validate_name
 from loraplex.adapters_store.records import AdapterRecord, EndpointRecord
 from loraplex.server.engine.adapter_errors import AdapterError, AdapterQuarantined
-from loraplex.server.engine.adapters import inspect_adapter
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.peft_config import read_adapter_config
 from loraplex.v1 import admin_pb2 as pb
@@ -59,8 +58,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     def _summary(self, directory: Path, name: str) -> dict:
         engine = self.engine
-        summary = inspect_adapter(directory, engine.slots.base, engine.config.max_lora_rank)
-        engine.slots.check_in_background(directory, name).result()  # the values; raises AdapterError
+        summary = engine.inspect_adapter(directory)
+        engine.check_adapter_values(directory, name).result()  # raises AdapterError
         summary["base_model"] = read_adapter_config(directory).get("base_model_name_or_path") or ""
         template = directory / TEMPLATE_FILE
         if template.is_file():
@@ -80,8 +79,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await context.abort(getattr(grpc.StatusCode, err.code), err.message)
 
     async def _info(self, record: AdapterRecord) -> pb.AdapterInfo:
-        resident, pinned = await self.state.engine_loop.call(
-            lambda e: (record.ref in e.slots.resident(), record.ref in e.slots.pinned))
+        where = await self.state.engine_loop.call(lambda e: e.residency(record.ref))
+        resident, pinned = where in ("pinned", "resident"), where == "pinned"
         meta = record.metadata
         return pb.AdapterInfo(
             name=record.name, version=record.version, kind=KINDS[record.kind], digest=record.digest,
@@ -168,7 +167,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if record.kind != "lora":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{record.ref} is a soft prompt: always resident")
         try:
-            await self.state.engine_loop.call(lambda e: e.slots.pin(record.ref))
+            await self.state.engine_loop.call(lambda e: e.pin_adapter(record.ref))
         except AdapterQuarantined as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except AdapterError as exc:
@@ -177,7 +176,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def UnpinAdapter(self, request: pb.AdapterRef, context) -> pb.AdapterInfo:
         record = await self._guard(context, self.state.store.get, request.name)
-        await self.state.engine_loop.call(lambda e: e.slots.unpin(record.ref))
+        await self.state.engine_loop.call(lambda e: e.unpin_adapter(record.ref))
         return await self._info(record)
 
     # endpoints --------------------------------------------------------------------------
@@ -201,7 +200,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
         engine = self.engine
         cfg = engine.config
-        resident = await self.state.engine_loop.call(lambda e: e.slots.resident())
+        resident = await self.state.engine_loop.call(lambda e: e.stats().resident_adapters)
         return pb.ServerInfo(
             model=self.state.model_name, dtype=cfg.dtype, quantize=cfg.quantize, kernels=engine.ops.__name__.split(".")[-1],
             max_model_len=engine.max_model_len, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras,

@@ -99,7 +99,7 @@ class EngineLoop:
             wait([self._running], timeout=30)
 
     def num_waiting(self) -> int:
-        return self._pending + len(self.engine.scheduler.waiting)
+        return self._pending + self.engine.num_waiting()
 
     def num_live(self) -> int:
         return len(self._live)
@@ -191,11 +191,11 @@ class EngineLoop:
             self._deliver(sub, out)
 
     def _fail_running(self, exc: Exception) -> None:
-        for seq in list(self.engine.scheduler.running):
-            self.engine.abort(seq.request_id)
-            sub = self._live.pop(seq.request_id, None)
+        for request_id in self.engine.running_requests():
+            self.engine.abort(request_id)
+            sub = self._live.pop(request_id, None)
             if sub is not None:
-                self._deliver(sub, RequestOutput(seq.request_id, finished=True, finish_reason="error",
+                self._deliver(sub, RequestOutput(request_id, finished=True, finish_reason="error",
                                                  error=f"engine failure: {type(exc).__name__}: {exc}",
                                                  error_code="INTERNAL"))
 

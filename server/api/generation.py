@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from loraplex.adapters_store.errors import StoreError
 from loraplex.server.engine.adapter_errors import AdapterError, AdapterQuarantined
-from loraplex.server.engine.engine import RequestError
+from loraplex.server.engine.intake import RequestError
 from loraplex.server.engine.sequence import RequestOutput
 
 from .engine_loop import QueueFull

@@ -31,18 +31,15 @@ async def index(state: ServerState, request: pb.RepositoryIndexRequest) -> pb.Re
         records = await asyncio.to_thread(state.store.list)
     except StoreError as exc:
         raise store_error(exc) from None
-    servable, resident, pinned = await state.engine_loop.call(
-        lambda e: (set(e.slots.registered), set(e.slots.resident()), set(e.slots.pinned)))
+    where = await state.engine_loop.call(lambda e: {r.ref: e.residency(r.ref) for r in records})
     models = []
     for record in records:
-        if record.ref not in servable:
+        if where[record.ref] is None:
             entry = ("UNAVAILABLE", state.not_servable(record.ref))
         elif record.kind == "soft_prompt":
             entry = ("READY", "resident")  # soft prompts stay on the device once registered
-        elif record.ref in pinned:
-            entry = ("READY", "pinned")
         else:
-            entry = ("READY", "resident" if record.ref in resident else "registered")
+            entry = ("READY", where[record.ref])
         if request.ready and entry[0] != "READY":
             continue
         models.append(pb.RepositoryIndexResponse.ModelIndex(name=record.name, version=str(record.version),
@@ -67,7 +64,7 @@ async def unload(state: ServerState, request: pb.RepositoryModelUnloadRequest) -
         raise ApiError("INVALID_ARGUMENT", f"unknown unload parameter(s) {', '.join(sorted(unknown))}; "
                                            f"only {', '.join(sorted(UNLOAD_PARAMETERS))} is accepted")
     for ref in await _loras(state, request.model_name):
-        await state.engine_loop.call(lambda e, ref=ref: e.slots.unpin(ref))
+        await state.engine_loop.call(lambda e, ref=ref: e.unpin_adapter(ref))
 
 
 def _one_repository(name: str) -> None:
@@ -92,9 +89,9 @@ async def _loras(state: ServerState, name: str) -> list[str]:
 
 async def _pin(state: ServerState, ref: str) -> None:
     def pin(engine) -> None:
-        if engine.slots.kind(ref) is None:
+        if engine.adapter_kind(ref) is None:
             raise ApiError("FAILED_PRECONDITION", f"{ref} is {state.not_servable(ref)}")
-        engine.slots.pin(ref)
+        engine.pin_adapter(ref)
 
     try:
         await state.engine_loop.call(pin)

@@ -1,14 +1,30 @@
-"""Turns the engine's state into metric values (runs on the engine thread)."""
+"""Turns the engine's state into metric values (runs on the engine thread).
+
+It only reads: `Engine.stats()` for every counter and gauge (counters are reported as the growth
+since the last snapshot), and `Engine.events(cursor)` for each adapter load's duration, with a
+cursor of its own, so another observer of the same engine takes nothing from it.
+"""
 from __future__ import annotations
 
+import logging
+
+from loraplex.server.engine.engine_stats import ADAPTER_LOAD, EngineStats
+
 from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# the EngineStats counters, each feeding the Metrics counter of the same name
+COUNTERS = ("adapter_loads", "adapter_evictions", "adapter_hits", "adapter_misses", "adapter_load_failures",
+            "merge_switches", "reused_prompt_tokens")
 
 
 class MetricsHook:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._seen = {"loads": 0, "evictions": 0, "hits": 0, "misses": 0, "load_failures": 0, "merge_switches": 0,
-                      "reused_tokens": 0}
+        self._seen = dict.fromkeys(COUNTERS, 0)
+        self._cursor = 0  # of the engine's event log
+        self.missed_events = 0  # events that left the engine's log before they were read
 
     def step(self, loop, step_seconds: float, num_outputs: int) -> None:
         """After each engine step: its duration and size, then every gauge."""
@@ -19,29 +35,35 @@ class MetricsHook:
     def gauges(self, loop) -> None:
         """Queue, batch, KV and adapter state now (also after requests leave without a step)."""
         m = self.metrics
-        engine = loop.engine
-        scheduler = engine.scheduler
-        slots = engine.slots
+        stats = loop.engine.stats()
         m.queue_depth.set(loop.num_waiting())
-        m.running.set(len(scheduler.running))
-        blocks = engine.blocks
-        m.kv_usage.set(1.0 - blocks.num_free / blocks.num_blocks)
-        counters = {"loads": m.adapter_loads, "evictions": m.adapter_evictions, "hits": m.adapter_hits,
-                    "misses": m.adapter_misses, "load_failures": m.adapter_load_failures}
-        counters["merge_switches"] = m.merge_switches
-        counters["reused_tokens"] = m.reused_prompt_tokens
-        owners = {"merge_switches": engine, "reused_tokens": scheduler}
-        for name, counter in counters.items():
-            value = getattr(owners.get(name, slots), name)
+        m.running.set(stats.running)
+        m.kv_usage.set(stats.kv_usage)
+        self._count(stats)
+        self._observe_events(loop.engine)
+        m.resident.set(len(stats.resident_adapters))
+        running = _addressable(set(stats.running_adapters))
+        waiting = _addressable(set(stats.waiting_adapters))
+        m.set_lora_info(sorted(running), sorted(waiting - running), stats.max_loras)
+
+    def _count(self, stats: EngineStats) -> None:
+        """Each counter grows by what the engine's grew since the last snapshot."""
+        for name in COUNTERS:
+            value = getattr(stats, name)
             if value > self._seen[name]:
-                counter.inc(value - self._seen[name])
+                getattr(self.metrics, name).inc(value - self._seen[name])
             self._seen[name] = value
-        while slots.load_seconds:
-            m.adapter_load_seconds.observe(slots.load_seconds.pop())
-        m.resident.set(len(slots.resident()))
-        running = _addressable({s.adapter for s in scheduler.running if s.adapter})
-        waiting = _addressable({s.adapter for s in scheduler.waiting if s.adapter})
-        m.set_lora_info(sorted(running), sorted(waiting - running), slots.max_loras)
+
+    def _observe_events(self, engine) -> None:
+        page = engine.events(self._cursor)
+        self._cursor = page.cursor
+        if page.missed:
+            self.missed_events += page.missed
+            log.warning("%d engine events were dropped before the metrics read them (%d in all): "
+                        "loraplex_adapter_load_seconds is missing their samples", page.missed, self.missed_events)
+        for event in page.events:
+            if event.kind == ADAPTER_LOAD:
+                self.metrics.adapter_load_seconds.observe(event.seconds)
 
 
 def _addressable(refs: set[str]) -> set[str]:

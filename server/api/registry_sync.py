@@ -70,7 +70,7 @@ class RegistrySync:
             log.info("registry reachable again")
             self._unreachable = False
         wanted = {r.ref: r for r in records}
-        have = await loop.call(lambda e: set(e.slots.registered))
+        have = await loop.call(lambda e: set(e.registered_adapters()))
         for ref in sorted(have - wanted.keys()):
             await loop.call(lambda e, ref=ref: e.unregister_adapter(ref, missing_ok=True))
             log.info("adapter %s was deleted from the registry; unregistered", ref)

@@ -35,6 +35,7 @@ from .adapter_errors import AdapterError, AdapterQuarantined, SlotsExhausted
 from .adapter_format import BaseModelShape, module_name
 from .adapter_values import AdapterValueError, BaseNorms, check_soft_prompt, check_update, check_values
 from .adapters import LoraAdapter, SoftPrompt, inspect_adapter, load_adapter
+from .engine_stats import ADAPTER_LOAD, EngineEvent, EventLog
 from .interleave import Interleaver
 from .lora_batch import RankTable
 from .lora_layer import LoraLinear, store
@@ -66,9 +67,11 @@ class AdapterSlots:
         device: torch.device,
         *,
         norms: BaseNorms,
+        events: EventLog | None = None,
     ) -> None:
         """layers[projection][i] is the LoraLinear holding that projection in layer i; `norms`: the
-        base model's sizes adapter values are checked against."""
+        base model's sizes adapter values are checked against; `events`: where each load's duration
+        is recorded (the engine's log, which observers read)."""
         self.base = base
         self.norms = norms
         self.layers = layers
@@ -99,7 +102,7 @@ class AdapterSlots:
         self.hits = 0  # acquisitions of an adapter already resident
         self.misses = 0  # acquisitions that had to load it
         self.load_failures = 0
-        self.load_seconds: list[float] = []  # per load, drained by whoever reports metrics
+        self.events = events if events is not None else EventLog()
         self.version = 0  # changes whenever pool contents or slot entries change
 
     # registration -----------------------------------------------------------------------
@@ -237,7 +240,7 @@ class AdapterSlots:
             except Exception:
                 self.load_failures += 1
                 raise
-            self.load_seconds.append(time.perf_counter() - start)
+            self.events.record(EngineEvent(ADAPTER_LOAD, name, time.perf_counter() - start))
         else:
             self.hits += 1
         if self._refs[slot] == 0:

@@ -8,6 +8,11 @@
 
 Not thread-safe: one thread drives `step`; the server front hands requests over to it.
 
+The methods here are the engine's whole face: fronts register, pin and inspect adapters, count
+the queue and the batch, and observers read `stats()` (an immutable snapshot of every counter)
+and `events(cursor)` (see engine_stats.py). The scheduler, adapter slots, block manager, runner
+and merger are the engine's own; tests/test_boundaries.py keeps the server's fronts off them.
+
 Isolation (DESIGN.md): nothing one request does may change another's output. Adapter values are
 checked when registered and read (adapter_values.py); masked KV positions hold zeros
 (block_manager.py); and a request whose hidden state or logits go non-finite anyway fails alone
@@ -17,9 +22,9 @@ until registered again), never merged, and the requests waiting on it fail with 
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 import uuid
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 
 import torch
 
@@ -30,35 +35,21 @@ from .adapter_errors import AdapterError, AdapterQuarantined
 from .adapter_format import FUSED, BaseModelShape
 from .adapter_slots import AdapterSlots, Registered
 from .adapter_values import AdapterValueError, BaseNorms
-from .block_manager import BlockManager, prefix_hashes
+from .adapters import inspect_adapter
+from .block_manager import BlockManager
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
-from .merging import MergePolicy, build_merged
+from .engine_stats import EngineStats, EventLog, EventPage
+from .intake import Intake, RequestError
+from .merger import Merger
+from .merging import MergePolicy
 from .model import CausalLM
 from .model_config import spec_from_hf_config
 from .model_runner import ModelRunner
 from .quantize import prepack_supported
-from .sampler import Sampler, TokenLogprob, make_generator, token_logprobs
+from .sampler import Sampler, TokenLogprob, token_logprobs
 from .scheduler import Scheduler
 from .sequence import Chunk, Request, RequestOutput, Sequence, Status
-
-
-class RequestError(ValueError):
-    """A request the engine refuses as given (the message says why); nothing else is affected."""
-
-
-@dataclass
-class Completion:
-    """The whole result of one completion of a request (offline use)."""
-
-    request_id: str
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    index: int = 0  # which of the request's n completions
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+from .workload import Completion, Workload
 
 
 class Engine:
@@ -80,22 +71,23 @@ class Engine:
         self.prepacked = self._prepack()
         self.model = CausalLM(self.spec, weights, config.quantize, self.device, self.max_model_len, self.prepacked)
         self.blocks = BlockManager(-(-config.max_total_tokens // config.block_size), config.block_size)
+        self._events = EventLog()  # what observers read beside the counters (see engine_stats.py)
         self.slots = AdapterSlots(
             BaseModelShape(self.spec.num_layers, self.spec.hidden_size, self.spec.projection_shapes(),
                            self.spec.name_or_path),
             self._projection_layers(), config.max_loras, config.max_cpu_loras, config.max_lora_rank,
-            self.dtype, self.device, norms=norms,
+            self.dtype, self.device, norms=norms, events=self._events,
         )
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_running, config.max_batch_tokens,
                                    config.chunk_tokens())
-        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype)
+        policy = MergePolicy(dynamic=config.dynamic_merge, high=config.merge_high, low=config.merge_low,
+                             patience=config.merge_patience)
+        self.merger = Merger(self.model.lora_layers(), self.slots, self.ops, self.dtype, self.device,
+                             config.quantize != "none", policy)
+        self.runner = ModelRunner(self.model, self.blocks, self.slots, self.ops, self.device, self.dtype, self.merger)
         self.sampler = Sampler()
-        self.runner.quantized = config.quantize != "none"
-        self.merge_policy = MergePolicy(dynamic=config.dynamic_merge, high=config.merge_high, low=config.merge_low,
-                                        patience=config.merge_patience)
-        self.merged: str | None = None  # the adapter served from merged copies
-        self._pinned_for_merge = False
-        self.merge_switches = 0
+        self.intake = Intake(self.tokenizer, self.spec.vocab_size, self.max_model_len, self.slots, self.blocks,
+                             config.prefix_caching)
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -129,7 +121,7 @@ class Engine:
     def register_adapter(self, name: str, path: str, values_checked: bool = False) -> Registered:
         """Validate and register a PEFT adapter (LoRA or soft prompt); raises AdapterError. Its
         values are read and checked (adapter_values.py) unless `values_checked`: the caller checked
-        this directory already (`slots.check_in_background`, or the registry that stored it did)."""
+        this directory already (`check_adapter_values`, or the registry that stored it did)."""
         return self.slots.register(name, path, values_checked)
 
     def unregister_adapter(self, name: str, missing_ok: bool = False) -> None:
@@ -137,66 +129,68 @@ class Engine:
         unless `missing_ok` (another path, such as the registry poller, may have been first)."""
         if missing_ok and name not in self.slots.registered:
             return
-        if name == self.merged:
-            self.unmerge_adapter()
-            if self.merge_policy.static == name:
-                self.merge_policy.static = None
+        self.merger.forget(name)
         self.slots.unregister(name)
+
+    def inspect_adapter(self, path: str | os.PathLike) -> dict:
+        """Validate an adapter directory's header and config against the served model, without
+        registering it: its summary (kind, ranks, size, warnings); raises AdapterError."""
+        return inspect_adapter(path, self.slots.base, self.config.max_lora_rank)
+
+    def check_adapter_values(self, path: str | os.PathLike, name: str) -> Future:
+        """Read and check the values of adapter `name` at `path` on the adapter-reader thread (one
+        torch thread, between steps); the future raises AdapterError. Safe from any thread."""
+        return self.slots.check_in_background(path, name)
+
+    def pin_adapter(self, name: str) -> None:
+        """Keep LoRA adapter `name` in a device slot until unpinned (loading it now); raises
+        AdapterQuarantined, or AdapterError when no slot can be freed."""
+        self.slots.pin(name)
+
+    def unpin_adapter(self, name: str) -> None:
+        """Let `name`'s slot be evicted again (nothing happens if it was not pinned)."""
+        self.slots.unpin(name)
+
+    def adapter_kind(self, name: str) -> str | None:
+        """"lora" or "soft_prompt" for a registered adapter, else None."""
+        return self.slots.kind(name)
+
+    def registered_adapters(self) -> frozenset[str]:
+        return frozenset(self.slots.registered)
+
+    def residency(self, name: str) -> str | None:
+        """Where registered adapter `name` is: "pinned" (held in a device slot), "resident" (in a
+        slot, evictable) or "registered" (on disk or in the host cache; a soft prompt, which needs no
+        slot, too); None when it is not registered."""
+        if name in self.slots.pinned:
+            return "pinned"
+        if self.slots.is_resident(name):
+            return "resident"
+        return "registered" if name in self.slots.registered else None
 
     # merging ---------------------------------------------------------------------------
     def merge_adapter(self, name: str, static: bool = False) -> None:
-        """Serve LoRA adapter `name` from merged copies of the layers it touches (see merging.py);
+        """Serve LoRA adapter `name` from merged copies of the layers it touches (see merger.py);
         static: keep it merged (dynamic merging then leaves it alone). An adapter whose values are not
         servable (see `AdapterSlots.problem`) is refused and quarantined: merged, it would reach every
         row of the batch."""
-        if self.slots.kind(name) != "lora":
-            raise AdapterError(f"cannot merge {name!r}: not a registered LoRA adapter")
-        self.slots.check_servable(name)
-        if self.merged is not None:
-            self.unmerge_adapter()
-        pinned_here = name not in self.slots.pinned
-        slot = self.slots.pin(name)
-        entries = {proj: table.entries[slot] for proj, table in self.slots.tables.items() if slot in table.entries}
         try:
-            problem = self.slots.problem(name)
-            if problem is not None:
-                raise AdapterValueError(problem)
-            copies = [build_merged(layer, entries, self.ops, self.dtype) for layer in self.model.lora_layers()]
+            self.merger.merge(name, static)
         except AdapterValueError as exc:
-            if pinned_here:
-                self.slots.unpin(name)
             self._quarantine(name, f"it was to be merged, and {exc}")
             raise AdapterQuarantined(f"cannot merge {name!r}: {exc}; it is quarantined until registered "
                                      "again") from None
-        for layer, copy in zip(self.model.lora_layers(), copies):
-            layer.merged = copy
-        self._pinned_for_merge = pinned_here
-        self.runner.merged_slot = slot
-        self.runner.merged_rank = max(rank for rank, _ in entries.values())
-        self.merged = name
-        self.merge_switches += 1
-        if static:
-            self.merge_policy.static = name
 
     def unmerge_adapter(self) -> None:
         """Back to the base weights for every layer (the merged copies are dropped)."""
-        if self.merged is None:
-            return
-        for layer in self.model.lora_layers():
-            layer.merged = None
-        if self._pinned_for_merge:
-            self.slots.unpin(self.merged)
-        self.runner.merged_slot = None
-        self.merged = None
-        self.merge_switches += 1
+        self.merger.unmerge()
 
     def _follow_merge_policy(self, running: list[Sequence]) -> None:
-        servable = [s.adapter for s in running if s.adapter not in self.slots.quarantined]
-        want = self.merge_policy.decide(self.merged, servable)
-        if want == self.merged:
+        want = self.merger.wanted([s.adapter for s in running])
+        if want == self.merger.merged:
             return
         if want is None:
-            self.unmerge_adapter()
+            self.merger.unmerge()
             return
         try:
             self.merge_adapter(want)
@@ -208,10 +202,7 @@ class Engine:
         requests fail at `_fail_quarantined`."""
         if name in self.slots.quarantined or name not in self.slots.registered:
             return
-        if name == self.merged:
-            self.unmerge_adapter()
-        if self.merge_policy.static == name:
-            self.merge_policy.static = None
+        self.merger.forget(name)
         self.slots.quarantine(name, reason)
         self._newly_quarantined.add(name)
 
@@ -220,109 +211,20 @@ class Engine:
         """Queue a request (n sequences for n completions); raises RequestError when it cannot
         run as given."""
         first = self._sequence(request)
-        group = [first] + [self._sibling(first, i) for i in range(1, first.params.n)]
+        group = [first] + [self.intake.sibling(first, i) for i in range(1, first.params.n)]
         self._seqs[first.request_id] = group
         for seq in group:
             self.scheduler.add(seq)
         return first.request_id
 
-    def _sibling(self, first: Sequence, index: int) -> Sequence:
-        """Completion `index` of `first`'s request: the same prompt, its own generator and text.
-        It shares the prompt's KV blocks that `first` computes (see scheduler.py)."""
-        params = first.params
-        sibling = Sequence(first.request_id, first.prompt_ids, params, first.adapter, first.soft_prompt,
-                           make_generator(params.seed_for(index)),
-                           IncrementalDetokenizer(self.tokenizer, first.prompt_ids, tuple(params.stop)), index=index)
-        sibling.leader = first
-        sibling.soft_prompt_name = first.soft_prompt_name
-        sibling.prefix_hashes = first.prefix_hashes
-        return sibling
-
     def _sequence(self, request: Request) -> Sequence:
-        try:
-            request.params.validate()
-        except ValueError as exc:
-            raise RequestError(str(exc)) from exc
         request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self._seqs:
-            raise RequestError(f"request id {request_id!r} is already in flight")
-        prompt_ids = self._prompt_ids(request)
-        if request.adapter is not None and self.slots.kind(request.adapter) != "lora":
-            if self.slots.kind(request.adapter) == "soft_prompt":
-                raise RequestError(f"{request.adapter!r} is a soft prompt, not a LoRA adapter; pass it as soft_prompt")
-            raise RequestError(f"unknown LoRA adapter {request.adapter!r}")
-        soft = None
-        if request.soft_prompt is not None:
-            if self.slots.kind(request.soft_prompt) == "lora":
-                raise RequestError(f"{request.soft_prompt!r} is a LoRA adapter, not a soft prompt; pass it as adapter")
-            if self.slots.kind(request.soft_prompt) != "soft_prompt":
-                raise RequestError(f"unknown soft prompt {request.soft_prompt!r}")
-            soft = self.slots.soft_prompts[request.soft_prompt].embeddings
-        for name in (request.adapter, request.soft_prompt):
-            if name is not None:
-                self.slots.check_servable(name)  # AdapterQuarantined: FAILED_PRECONDITION
-        virtual = 0 if soft is None else soft.shape[0]
-        room = self.max_model_len - virtual - len(prompt_ids)
-        if request.fit_max_new_tokens and 1 <= room < request.params.max_new_tokens:
-            request.params = dataclasses.replace(request.params, max_new_tokens=room)
-        total = virtual + len(prompt_ids) + request.params.max_new_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"prompt of {len(prompt_ids)} tokens"
-                + (f" plus {virtual} soft-prompt tokens" if virtual else "")
-                + f" plus max_new_tokens {request.params.max_new_tokens} is {total} tokens, "
-                f"beyond the model's context of {self.max_model_len}"
-            )
-        capacity = self.blocks.num_blocks * self.blocks.block_size
-        if total > capacity:
-            raise RequestError(f"request needs {total} tokens of KV cache, the server holds {capacity}")
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, tuple(request.params.stop))
-        seq = Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
-                       make_generator(request.params.seed), detok)
-        seq.soft_prompt_name = request.soft_prompt
-        if self.config.prefix_caching:
-            key = self.slots.cache_key(request.adapter) + "|" + self.slots.cache_key(request.soft_prompt)
-            full = (seq.num_prompt_positions - 1) // self.blocks.block_size  # the last position is computed
-            seq.prefix_hashes = prefix_hashes(seq.chunk_ids(0, seq.num_prompt_positions), self.blocks.block_size,
-                                              full, key)
-        return seq
+        return self.intake.sequence(request, request_id, in_flight=request_id in self._seqs)
 
     def encode(self, request: Request) -> Request:
         """The request with its prompt or chat turned into token ids. Safe to call from another
         thread (it only reads the tokenizer), so fronts tokenize off the engine's thread."""
-        if request.prompt_token_ids is not None:
-            return request
-        return dataclasses.replace(request, prompt=None, messages=None, prompt_token_ids=self._prompt_ids(request))
-
-    def _prompt_ids(self, request: Request) -> list[int]:
-        given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
-        if sum(given) != 1:
-            raise RequestError("give exactly one of prompt, messages or prompt_token_ids")
-        if request.prompt is not None:
-            if not isinstance(request.prompt, str):
-                raise RequestError("prompt must be a string")
-            ids = self.tokenizer(request.prompt)["input_ids"]
-        elif request.messages is not None:
-            ids = self._chat_ids(request.messages)
-        else:
-            ids = list(request.prompt_token_ids)
-            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < self.spec.vocab_size]
-            if bad:
-                raise RequestError(f"prompt token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
-        if not ids:
-            raise RequestError("the prompt is empty")
-        return list(ids)
-
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise RequestError("messages must be a non-empty list")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise RequestError(f"messages[{i}] must be an object with string 'role' and 'content'")
-        if not self.tokenizer.chat_template:
-            raise RequestError("this model has no chat template; send a prompt instead of messages")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.intake.encode(request)
 
     def abort(self, request_id: str) -> bool:
         group = self._seqs.pop(request_id, None)
@@ -334,6 +236,41 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def num_waiting(self) -> int:
+        """Sequences queued, not yet admitted (n per request of n completions). Safe from any
+        thread: it only reads the queue's length."""
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def running_requests(self) -> list[str]:
+        """The ids of the requests with a sequence in the running batch, in admission order."""
+        return list(dict.fromkeys(s.request_id for s in self.scheduler.running))
+
+    def running_adapters(self) -> frozenset[str]:
+        return frozenset(s.adapter for s in self.scheduler.running if s.adapter)
+
+    # observing ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of every counter and of the queue, batch, KV cache and adapters now."""
+        slots, scheduler = self.slots, self.scheduler
+        return EngineStats(
+            waiting=len(scheduler.waiting), running=len(scheduler.running), kv_blocks=self.blocks.num_blocks,
+            kv_blocks_free=self.blocks.num_free, adapter_loads=slots.loads, adapter_evictions=slots.evictions,
+            adapter_hits=slots.hits, adapter_misses=slots.misses, adapter_load_failures=slots.load_failures,
+            merge_switches=self.merger.switches, reused_prompt_tokens=scheduler.reused_tokens,
+            preemptions=scheduler.num_preemptions, max_loras=slots.max_loras,
+            resident_adapters=tuple(slots.resident()), running_adapters=self.running_adapters(),
+            waiting_adapters=frozenset(s.adapter for s in scheduler.waiting if s.adapter),
+            merged_adapter=self.merger.merged,
+        )
+
+    def events(self, since: int = 0) -> EventPage:
+        """The events recorded from cursor `since` on (such as each adapter load's duration), the
+        cursor to pass next time, and how many this reader missed because it fell behind."""
+        return self._events.since(since)
 
     # stepping --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -349,7 +286,7 @@ class Engine:
         chunks, failed = self.scheduler.schedule()
         outputs += [out for seq, error, code in failed if (out := self._failure(seq, error, code)) is not None]
         chunks = _unfinished(chunks)  # a sibling failed: the request is over
-        if chunks and self.merge_policy.dynamic:
+        if chunks and self.merger.policy.dynamic:
             self._follow_merge_policy(self.scheduler.running)
             outputs += self._fail_quarantined()  # the adapter it was to merge had bad values
             chunks = _unfinished(chunks)
@@ -523,36 +460,20 @@ class Engine:
         """Run all requests together as one workload; results in input order, a request with
         n > 1 giving its n completions in a row. A request that is refused or fails gets its
         error; the others complete."""
-        results: list[Completion] = []
-        by_id: dict[str, list[Completion]] = {}
+        workload = Workload()
         for request in requests:
             try:
                 request_id = self.add_request(request)
             except (RequestError, AdapterError) as exc:
-                results.append(Completion(request.request_id or "", error=str(exc), finish_reason="error"))
+                workload.refused(request, exc)
                 continue
-            group = self._seqs[request_id]
-            completions = [Completion(request_id, prompt_tokens=len(s.prompt_ids), index=s.index) for s in group]
-            results += completions
-            by_id[request_id] = completions
+            workload.queued(request_id, self._seqs[request_id])
         # the whole workload is known: read its adapters first, so it starts as one mixed batch
         self.slots.read_ahead([r.adapter for r in requests if r.adapter])
         while self.has_unfinished():
             for out in self.step():
-                completions = by_id.get(out.request_id)
-                if completions is None:
-                    continue
-                completion = completions[out.index]
-                completion.text += out.text
-                completion.token_ids += out.token_ids
-                completion.logprobs += out.logprobs
-                if out.error is not None:  # the whole request failed
-                    for c in completions:
-                        c.finish_reason, c.error = out.finish_reason, out.error
-                elif out.finish_reason is not None:
-                    completion.finish_reason = out.finish_reason
-        return results
-
+                workload.add(out)
+        return workload.results
 
 def _unfinished(chunks: list[Chunk]) -> list[Chunk]:
     """The chunks whose sequence has not finished (failed) since they were scheduled."""

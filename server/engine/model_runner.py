@@ -20,24 +20,21 @@ from .adapter_slots import AdapterSlots
 from .attention import AttentionMetadata, PagedLayout
 from .block_manager import BlockManager
 from .lora_batch import LoraBatch
-from .merging import MergeStep, merge_mode
+from .merger import Merger
 from .model import CausalLM, ForwardBatch
 from .sequence import Chunk, Sequence
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, blocks: BlockManager, slots: AdapterSlots, ops: LoraOps,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, merger: Merger) -> None:
         self.model = model
         self._decode_lora: tuple[tuple, LoraBatch | None] | None = None  # (layout key, batch) of the last decode
         self.blocks = blocks
         self.slots = slots
         self.ops = ops
         self.device = device
-        self.merged_slot: int | None = None  # slot of the adapter served from merged copies
-        self.merged_rank = 0
-        self.quantized = False
-        self.last_merge_mode: str | None = None  # how the last step used the merged copies
+        self.merger = merger  # what is merged: it plans how each batch uses the merged copies
         self.non_finite: list[Sequence] = []  # sequences with a non-finite row in the last `run`
         spec = model.spec
         # every layer's keys and values in one tensor, so fresh blocks are zeroed in one op; one
@@ -109,7 +106,8 @@ class ModelRunner:
                 logit_rows.append(row + c.length - 1)
             row += c.length
         dev = self.device
-        seqs, lengths = [c.seq for c in chunks], [c.length for c in chunks]
+        lengths = [c.length for c in chunks]
+        plan = self.merger.plan([c.seq.slot for c in chunks], lengths)
         kv = torch.tensor(kv_positions, dtype=torch.long, device=dev)
         if all(c.start == 0 for c in chunks):
             attn = AttentionMetadata.for_prefill(lengths, kv, dev)
@@ -119,8 +117,8 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             attn=attn,
-            lora=LoraBatch.build(self._lora_slots(seqs), lengths, self.slots.tables, dev, ops=self.ops),
-            merge=self._merge_step(seqs, lengths),
+            lora=LoraBatch.build(plan.lora_slots, lengths, self.slots.tables, dev, ops=self.ops),
+            merge=plan.step,
             logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=dev),
             soft_rows=torch.tensor(soft_rows, dtype=torch.long, device=dev) if soft_rows else None,
             soft_vectors=torch.cat(soft_vectors) if soft_vectors else None,
@@ -155,6 +153,7 @@ class ModelRunner:
         positions = [s.num_tokens - 1 for s in seqs]
         kv_positions = torch.tensor([self.blocks.kv_position(s.block_table, p) for s, p in zip(seqs, positions)],
                                     dtype=torch.long, device=dev)
+        plan = self.merger.plan([s.slot for s in seqs], [1] * len(seqs))
         return ForwardBatch(
             input_ids=torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -162,37 +161,10 @@ class ModelRunner:
                 [s.block_table for s in seqs], [s.num_tokens for s in seqs], bs, kv_positions, dev,
                 self.blocks.pad_block,
             ),
-            lora=self._decode_lora_batch(self._lora_slots(seqs)),
-            merge=self._merge_step(seqs, [1] * len(seqs)),
+            lora=self._decode_lora_batch(plan.lora_slots),
+            merge=plan.step,
             logit_rows=torch.arange(len(seqs), device=dev),
         )
-
-    def _lora_slots(self, seqs: list[Sequence]) -> list[int]:
-        """Each sequence's slot for the low-rank update: none for the merged adapter's sequences."""
-        return [-1 if s.slot == self.merged_slot else s.slot for s in seqs]
-
-    def _merge_step(self, seqs: list[Sequence], rows: list[int]) -> MergeStep | None:
-        merged = [s.slot == self.merged_slot for s in seqs] if self.merged_slot is not None else [False] * len(seqs)
-        num_merged = sum(n for n, m in zip(rows, merged) if m)
-        mode = merge_mode(num_merged, sum(rows) - num_merged, self.merged_rank, self.quantized)
-        self.last_merge_mode = mode
-        if mode is None or mode == "merged":
-            return None if mode is None else MergeStep("merged")
-        if mode == "correct":
-            others = [-1 if m else self.merged_slot for m in merged]
-            correction = LoraBatch.build(others, rows, self.slots.tables, self.device, ops=self.ops)
-            return MergeStep("correct", correction=correction)
-        return MergeStep("split", merged_rows=self._rows_where(rows, merged, True),
-                         other_rows=self._rows_where(rows, merged, False))
-
-    def _rows_where(self, rows: list[int], merged: list[bool], want: bool) -> torch.Tensor:
-        """Batch rows of the sequences whose merged flag is `want` (sequence i has rows[i] rows)."""
-        picked, start = [], 0
-        for n, m in zip(rows, merged):
-            if m == want:
-                picked.append(torch.arange(start, start + n))
-            start += n
-        return torch.cat(picked).to(self.device)
 
     def _decode_lora_batch(self, seq_slots: list[int]) -> LoraBatch | None:
         """The decode batch's LoRA grouping, reused while neither the batch's slots nor the adapters

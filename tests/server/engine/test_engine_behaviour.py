@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.engine import Completion, Engine, RequestError
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.intake import RequestError
+from loraplex.server.engine.workload import Completion
 from loraplex.server.engine.sampler import SamplingParams
 from loraplex.server.engine.sequence import Request, RequestOutput
 

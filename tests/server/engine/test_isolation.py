@@ -240,7 +240,7 @@ def test_poisoned_row_beside_a_merged_adapter(tiny_model, tiny_adapters, poisone
     clean, bad = runs
     assert_same_logits(bad, clean)
     assert_failed_alone(bad, "x")
-    assert bad.engine.merged == "good"
+    assert bad.engine.merger.merged == "good"
 
 
 # ----------------------------------------------------------------------------- quarantine and merging
@@ -268,7 +268,7 @@ def test_a_poisoned_adapter_is_never_merged(tiny_model, tiny_adapters, poisoned,
     engine = make_engine(tiny_model, tiny_adapters, ("x", poisoned["lora-huge"]))
     with pytest.raises(AdapterError, match="x"):
         engine.merge_adapter("x", static=True)
-    assert engine.merged is None and engine.merge_policy.static is None
+    assert engine.merger.merged is None and engine.merger.policy.static is None
     with pytest.raises(AdapterQuarantined):
         engine.add_request(row_request("lora"))
 
@@ -285,13 +285,13 @@ def test_dynamic_merging_skips_a_poisoned_adapter(tiny_model, tiny_adapters, poi
 
     def watching(running):
         follow(running)
-        merges.append(engine.merged)
+        merges.append(engine.merger.merged)
 
     engine._follow_merge_policy = watching
     results = engine.generate([request("base", 0)] + [request(f"x{i}", i + 1, "x") for i in range(5)])
     assert results[0].error is None and results[0].token_ids == expected.token_ids
     assert all(r.error is not None for r in results[1:])
-    assert merges and set(merges) == {None} and engine.merge_switches == 0
+    assert merges and set(merges) == {None} and engine.merger.switches == 0
 
 
 # ----------------------------------------------------------------------------- registration

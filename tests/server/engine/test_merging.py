@@ -78,10 +78,10 @@ def test_static_merge_agrees_with_unmerged_serving(tiny_model, tiny_adapters, dt
     base = merged.model.layers[0].proj["qkv_proj"].base.dense().clone()
     for mode, names in MAKEUPS.items():
         merged.prompt_logits(_requests(names))
-        assert merged.runner.last_merge_mode == mode, (mode, merged.runner.last_merge_mode)
+        assert merged.merger.last_mode == mode, (mode, merged.merger.last_mode)
         _compare(unmerged, merged, names, ATOL[dtype], soft_on=(1,))
     assert torch.equal(merged.model.layers[0].proj["qkv_proj"].base.dense(), base)  # the base is never modified
-    assert merged.merge_switches == 1
+    assert merged.merger.switches == 1
 
 
 def test_merge_on_a_quantized_base_keeps_a_dense_copy(tiny_model, tiny_adapters):
@@ -106,7 +106,7 @@ def test_unmerge_restores_base_serving_and_unregistering_unmerges(tiny_model, ti
     _compare(unmerged, engine, MAKEUPS["split"], 1e-4)
     engine.merge_adapter("mlp8", static=True)
     engine.unregister_adapter("mlp8")
-    assert engine.merged is None and engine.merge_policy.static is None
+    assert engine.merger.merged is None and engine.merger.policy.static is None
 
 
 def test_policy_merges_after_patience_and_does_not_flap():
@@ -131,9 +131,9 @@ def test_dynamic_merge_switches_with_traffic_and_agrees(tiny_model, tiny_adapter
     engine = _engine(tiny_model, tiny_adapters, dynamic_merge=True, merge_patience=2)
     names = ["all16"] * 7 + ["rs2"]
     _compare(unmerged, engine, names, 1e-4)
-    assert engine.merged == "all16" and engine.merge_switches == 1
+    assert engine.merger.merged == "all16" and engine.merger.switches == 1
     _compare(unmerged, engine, ["attn4", "mlp8", "rs2", None] * 2, 1e-4)  # traffic mixes again
-    assert engine.merged is None and engine.merge_switches == 2
+    assert engine.merger.merged is None and engine.merger.switches == 2
 
 
 def test_exported_model_equals_peft_merge_and_unload(tmp_path, tiny_model, tiny_adapters):
