@@ -1,7 +1,7 @@
 """From an example to what the model sees: the prompt (text or chat turns) and its token ids.
 
 Training and serving must build prompts the same way, so the ids here are made exactly as the
-engine makes them (engine.py `_prompt_ids`): a text prompt through ``tokenizer(text)``, a chat
+engine makes them (`intake.py`, `Intake.prompt_ids`): a text prompt through ``tokenizer(text)``, a chat
 through the tokenizer's chat template with the generation prompt added, tokenized without
 special tokens. The answer follows as its own tokens and the end-of-sequence token.
 
