@@ -192,18 +192,18 @@ def _group_lora_keys(
             raise AdapterError(
                 f"{where}: tensor {key!r} targets layer {layer}, but the base model has {base.num_layers} layers"
             )
-        slot = modules.setdefault((layer, proj), {})
-        if match["ab"] in slot:
+        pair = modules.setdefault((layer, proj), {})
+        if match["ab"] in pair:
             raise AdapterError(
                 f"{where}: {module_name(layer, proj)} has two lora_{match['ab']} tensors "
-                f"({slot[match['ab']]!r} and {key!r})"
+                f"({pair[match['ab']]!r} and {key!r})"
             )
-        slot[match["ab"]] = key
-    for (layer, proj), slot in modules.items():
+        pair[match["ab"]] = key
+    for (layer, proj), pair in modules.items():
         for have, need in (("A", "B"), ("B", "A")):
-            if have in slot and need not in slot:
+            if have in pair and need not in pair:
                 raise AdapterError(
-                    f"{where}: {module_name(layer, proj)} has lora_{have} ({slot[have]!r}) but no lora_{need}"
+                    f"{where}: {module_name(layer, proj)} has lora_{have} ({pair[have]!r}) but no lora_{need}"
                 )
     return modules
 
