@@ -28,6 +28,7 @@ from loraplex.v1 import inference_pb2
 
 from .generate_request import ApiError, store_error
 from .server_state import ServerState
+from .status import abort
 
 KINDS = {"lora": pb.ADAPTER_KIND_LORA, "soft_prompt": pb.ADAPTER_KIND_SOFT_PROMPT}
 TEMPLATE_FILE = "loraplex_template.txt"  # written by `loraplex train`: the prompt template it trained with
@@ -76,7 +77,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             err = ApiError("INVALID_ARGUMENT", str(exc))
         except ApiError as exc:
             err = exc
-        await context.abort(getattr(grpc.StatusCode, err.code), err.message)
+        await abort(context, err.code, err.message)
 
     async def _info(self, record: AdapterRecord) -> pb.AdapterInfo:
         where = await self.state.engine_loop.call(lambda e: e.residency(record.ref))
@@ -102,19 +103,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context) -> pb.AdapterInfo:
         path = Path(request.path)
         if not request.path or not path.is_dir():
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no directory {request.path!r} on the server")
+            await abort(context, "INVALID_ARGUMENT", f"no directory {request.path!r} on the server")
         return await self._publish(context, self.state.store.publish_dir, request.name, path,
                                    self.validator(request.path, request.name))
 
     async def UploadAdapter(self, request_iterator: AsyncIterator[pb.UploadAdapterRequest], context) -> pb.AdapterInfo:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "name":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first upload message must carry the name")
+            await abort(context, "INVALID_ARGUMENT", "the first upload message must carry the name")
         name = first.name
         try:
             validate_name(name)
         except StoreError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await abort(context, "INVALID_ARGUMENT", str(exc))
         with self.state.store.staging() as staged:
             files: dict[str, object] = {}
             total = 0
@@ -136,7 +137,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                         files[fname] = open(staged / fname, "wb")
                     files[fname].write(msg.chunk.data)
             except ApiError as exc:
-                await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+                await abort(context, exc.code, exc.message)
             finally:
                 for f in files.values():
                     f.close()
@@ -165,13 +166,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def PinAdapter(self, request: pb.AdapterRef, context) -> pb.AdapterInfo:
         record = await self._guard(context, self.state.store.get, request.name)
         if record.kind != "lora":
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{record.ref} is a soft prompt: always resident")
+            await abort(context, "INVALID_ARGUMENT", f"{record.ref} is a soft prompt: always resident")
         try:
             await self.state.engine_loop.call(lambda e: e.pin_adapter(record.ref))
         except AdapterQuarantined as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            await abort(context, "FAILED_PRECONDITION", str(exc))
         except AdapterError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            await abort(context, "RESOURCE_EXHAUSTED", str(exc))
         return await self._info(record)
 
     async def UnpinAdapter(self, request: pb.AdapterRef, context) -> pb.AdapterInfo:

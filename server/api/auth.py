@@ -11,6 +11,8 @@ import hmac
 
 import grpc
 
+from .status import abort
+
 INFERENCE_PREFIX = "/loraplex.v1.Inference/"
 ADMIN_PREFIX = "/loraplex.v1.Admin/"
 KSERVE_PREFIX = "/inference.GRPCInferenceService/"
@@ -62,10 +64,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     async def deny(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, "UNAUTHENTICATED", message)
 
     async def deny_stream(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, "UNAUTHENTICATED", message)
         yield  # an async generator, as streaming handlers are
 
     kinds = {

@@ -14,6 +14,7 @@ from loraplex.v1 import inference_pb2_grpc
 from .generate_request import ApiError, GenerateCall, Resolved
 from .generation import generate, token_text
 from .server_state import ServerState
+from .status import abort
 
 FINISH = {"length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP, "eos": pb.FINISH_REASON_EOS}
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "n", "logprobs",
@@ -91,7 +92,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 async for item in outputs:
                     yield item
         except ApiError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+            await abort(context, exc.code, exc.message)
 
     def _logprobs(self, logprobs: list[TokenLogprob]) -> list[pb.TokenLogprob]:
         tokenizer = self.state.engine_loop.engine.tokenizer

@@ -27,6 +27,7 @@ from .kserve_generation import INPUTS_METADATA, OUTPUTS_METADATA, TEXT_OUTPUT, T
 from .kserve_tensors import bytes_output
 from .model_names import Model, find_model
 from .server_state import ServerState
+from .status import abort, clip
 from .version import server_version
 
 EXTENSIONS = ["model_repository"]
@@ -77,8 +78,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         model, gen, call = await self._guard(context, self._prepare(request))
         if gen.stream:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "stream is true: use ModelStreamInfer (tritonclient: start_stream and "
+            await abort(context, "INVALID_ARGUMENT", "stream is true: use ModelStreamInfer (tritonclient: start_stream and "
                                 "async_stream_infer) for streamed responses")
         text, ending = await self._guard(context, self._complete(call))
         return _response(request, model, gen, text if gen.exclude_input else gen.prompt + text, ending)
@@ -179,7 +179,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await work
         except ApiError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+            await abort(context, exc.code, exc.message)
 
 
 def _response(request: pb.ModelInferRequest, model: Model, gen: TextGeneration, text: str | None,
@@ -204,6 +204,6 @@ def _ending(output) -> Ending:
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-    return pb.ModelStreamInferResponse(error_message=message,
+    return pb.ModelStreamInferResponse(error_message=clip(message),
                                        infer_response=pb.ModelInferResponse(model_name=request.model_name,
                                                                             id=request.id))

@@ -29,6 +29,7 @@ from .generation import generate, token_text
 from .openai_models import list_models, resolve_model
 from .openai_schema import Choices, OpenAIError, OpenAIRequest, parse_chat, parse_completion
 from .server_state import ServerState
+from .status import clip
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ MAX_BODY = web.AppKey("max_body", int)
 
 def error_body(exc: ApiError) -> tuple[int, dict]:
     http, kind = STATUS.get(exc.code, (500, "server_error"))
-    return http, {"error": {"message": exc.message, "type": kind, "param": getattr(exc, "param", None),
+    return http, {"error": {"message": clip(exc.message), "type": kind, "param": getattr(exc, "param", None),
                             "code": exc.code.lower()}}
 
 
