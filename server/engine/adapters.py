@@ -28,6 +28,7 @@ maths must fail loudly, not serve subtly wrong outputs.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Union
 
 import torch
 
-from .adapter_errors import AdapterError
+from .adapter_errors import AdapterError, short
 from .adapter_format import BLOCK_OF, LORA_KEY, PROJECTIONS, BaseModelShape, module_name
 from .peft_config import (
     CONFIG_NAME,
@@ -284,6 +285,43 @@ def _plan_soft_prompt(
     return "prompt_embeddings"
 
 
+def _check_target_modules(config: dict, base: BaseModelShape, where: str) -> None:
+    """Refuse a ``target_modules`` naming something the served model does not have.
+
+    PEFT's matching rule (``check_target_module_exists``): a string is a regex that must match a
+    module's whole name; a list entry matches a module whose name equals it or ends with
+    ``"." + entry``. An entry that matches no projection of the served model (a typo, a module of
+    another architecture) was accepted silently before; it means the adapter was not trained for
+    this model as the operator thinks, so it is refused by name. ``"all-linear"`` is PEFT's
+    shorthand for every linear layer but the output layer.
+    """
+    targets = config.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return
+    modules = [module_name(layer, proj) for layer in range(base.num_layers) for proj in PROJECTIONS]
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as exc:
+            raise AdapterError(f"{where}: {CONFIG_NAME} target_modules is not a valid regex: {exc}") from None
+        if not any(pattern.fullmatch(m) for m in modules):
+            raise AdapterError(f"{where}: {CONFIG_NAME} target_modules {short(targets)} matches no projection of "
+                               f"the served model (model.layers.N.(self_attn|mlp).PROJ, PROJ one of "
+                               f"{', '.join(PROJECTIONS)})")
+        return
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"{where}: {CONFIG_NAME} target_modules must be a string or a list of strings, "
+                           f"found {short(targets)}")
+    unmatched = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+    if unmatched:
+        shown = ", ".join(short(t, 60) for t in unmatched[:5])
+        if len(unmatched) > 5:
+            shown += f" and {len(unmatched) - 5} more"
+        raise AdapterError(f"{where}: {CONFIG_NAME} target_modules names {shown}, matching no projection of the "
+                           f"served model; loraplex adapts {', '.join(PROJECTIONS)} in each of its {base.num_layers} "
+                           "layers")
+
+
 # --------------------------------------------------------------------------------------------
 # Validation, inspection and loading
 # --------------------------------------------------------------------------------------------
@@ -319,6 +357,7 @@ def _validate(path: PathLike, base: BaseModelShape, max_rank: int, max_bytes: in
     plan = _Plan(os.fspath(path), kind, config, weights, tensors)
     if kind == "lora":
         plan.lora = _plan_lora(tensors, config, base, max_rank, where)
+        _check_target_modules(config, base, where)
     else:
         _plan_soft_prompt(tensors, num_virtual_tokens, base, where)
         plan.num_virtual_tokens = num_virtual_tokens

@@ -648,3 +648,37 @@ def test_a_tensor_at_an_offset_its_dtype_cannot_view_is_copied_out(tmp_path):
     weights.write_bytes(struct.pack("<Q", len(header)) + header + half.numpy().tobytes() + single.numpy().tobytes())
     got = safetensors_file.read_tensors(weights, ["h", "f"], read_header(weights, "test", 1 << 20), "test")
     assert torch.equal(got["h"], half) and torch.equal(got["f"], single)
+
+
+# ------------------------------------------------------------------------------------------
+# target_modules must name what the served model has (PEFT's matching rule)
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("targets, fragment", [
+    (["q_proj", "qkv_proj"], "names 'qkv_proj', matching no projection"),  # a fused name of another architecture
+    (["q_proj", "c_attn"], "names 'c_attn', matching no projection"),  # GPT-2's attention
+    ("model\\.layers\\.\\d+\\.attn\\.c_proj", "matches no projection"),
+])
+def test_target_modules_matching_nothing_are_refused(plain_lora, tmp_path, targets, fragment):
+    path = copy_adapter(plain_lora[0], tmp_path)
+    edit_config(path, target_modules=targets)
+    refused(path, "target_modules", fragment)
+
+
+@pytest.mark.parametrize("targets", [
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ["self_attn.q_proj", "model.layers.1.mlp.down_proj", "v_proj"],  # dotted suffixes and a whole name
+    "model\\.layers\\.\\d+\\.(self_attn|mlp)\\.\\w+_proj",
+    "all-linear",
+])
+def test_target_modules_peft_would_match_are_accepted(plain_lora, tmp_path, targets):
+    path = copy_adapter(plain_lora[0], tmp_path)
+    edit_config(path, target_modules=targets)
+    assert inspect_adapter(path, BASE, 64)["kind"] == "lora"
+
+
+def test_target_modules_of_the_wrong_type_are_refused(plain_lora, tmp_path):
+    path = copy_adapter(plain_lora[0], tmp_path)
+    edit_config(path, target_modules={"q_proj": True})
+    refused(path, "target_modules must be a string or a list of strings")
