@@ -9,6 +9,7 @@ Endpoint row: ``name, adapter_name, adapter_version, soft_prompt_name, soft_prom
 canary_name, canary_version, canary_weight, template, system_message, defaults,
 max_new_tokens_cap, created_at, updated_at``.
 Journal row (:mod:`.journal`): ``entry, op_id, op, name, version, digest, created_at``.
+Idempotency row: ``idempotency_key, name, version, digest, created_at``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class MetadataTx(Protocol):
     def list_adapters(self, name: str | None = None) -> list[Row]:
         """By name, then version."""
 
+    def list_adapters_after(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
+        """A page of versions following ``(name, version)``, by name then version."""
+
     def delete_adapters(self, name: str, version: int | None) -> None:
         """``version=None``: every version of ``name``."""
 
@@ -55,7 +59,16 @@ class MetadataTx(Protocol):
 
     def list_endpoints(self) -> list[Row]: ...
 
+    def list_endpoints_after(self, after: str | None, limit: int) -> list[Row]:
+        """A page of endpoints named after ``after``, by name."""
+
     def delete_endpoint(self, name: str) -> None: ...
+
+    def idempotent_result(self, key: str) -> Row | None:
+        """``name, version, digest, created_at`` of the registration made under ``key``."""
+
+    def remember_idempotent(self, key: str, name: str, version: int, digest: str, now: float, keep: float) -> None:
+        """Record what ``key`` registered; forget keys older than ``keep`` seconds."""
 
     def insert_journal(self, entries: list[Row]) -> None: ...
 

@@ -96,6 +96,16 @@ MIGRATIONS = (
         )""",
         "CREATE INDEX IF NOT EXISTS journal_by_op ON journal (op_id)",
     )),
+    Migration(3, "idempotency keys of registrations, so a retried register or upload returns the first result", (
+        """CREATE TABLE IF NOT EXISTS idempotency_keys (
+            idempotency_key TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            version BIGINT NOT NULL,
+            digest TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at)",
+    )),
 )
 LATEST = MIGRATIONS[-1].number
 

@@ -34,7 +34,7 @@ def validate_name(name: str, what: str = "adapter") -> str:
     else:
         bad = next(c for c in name if not _NAME_CHAR.fullmatch(c))
         reason = f"contains {bad!r}; only ASCII letters, digits, '.', '_' and '-' are allowed"
-    raise StoreError("invalid", f"invalid {what} name {name!r}: {reason} (pattern {NAME_PATTERN})")
+    raise StoreError("invalid", f"invalid {what} name {_shown(name)}: {reason} (pattern {NAME_PATTERN})")
 
 
 def validate_file_name(name: str) -> str:
@@ -57,7 +57,7 @@ def parse_ref(ref: str, what: str = "adapter") -> tuple[str, int | None]:
     if not _VERSION.fullmatch(version):
         raise StoreError(
             "invalid",
-            f"invalid {what} reference {ref!r}: the version after '@' must be a positive integer "
+            f"invalid {what} reference {_shown(ref)}: the version after '@' must be a positive integer "
             "without sign or leading zeros (e.g. name@3)",
         )
     return name, int(version)
@@ -66,3 +66,10 @@ def parse_ref(ref: str, what: str = "adapter") -> tuple[str, int | None]:
 def format_ref(name: str, version: int) -> str:
     """The canonical ``name@version`` spelling."""
     return f"{name}@{version}"
+
+
+def _shown(text: str, limit: int = MAX_NAME_LENGTH + 8) -> str:
+    """A refused name as its error quotes it: repr'd, cut to about a valid name's length (a
+    10,000-character name is not echoed whole)."""
+    shown = repr(text)
+    return shown if len(shown) <= limit else f"{shown[:limit]}... ({len(text)} characters)"

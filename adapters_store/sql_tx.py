@@ -113,6 +113,16 @@ class SqlTx:
             )
         return [_adapter_row(r) for r in cur.fetchall()]
 
+    def list_adapters_after(self, after: tuple[str, int] | None, limit: int) -> list[Row]:
+        """Up to ``limit`` versions following ``(name, version)`` (from the first when None), by name, then version."""
+        if after is None:
+            cur = self._exec(f"SELECT {_ADAPTER_COLUMNS} FROM adapters ORDER BY name, version LIMIT ?", (limit,))
+        else:
+            cur = self._exec(
+                f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE name > ? OR (name = ? AND version > ?) "
+                "ORDER BY name, version LIMIT ?", (after[0], after[0], after[1], limit))
+        return [_adapter_row(r) for r in cur.fetchall()]
+
     def delete_adapters(self, name: str, version: int | None) -> None:
         if version is None:
             self._exec("DELETE FROM adapters WHERE name = ?", (name,))
@@ -172,8 +182,32 @@ class SqlTx:
         cur = self._exec(f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints ORDER BY name")
         return [_endpoint_row(r) for r in cur.fetchall()]
 
+    def list_endpoints_after(self, after: str | None, limit: int) -> list[Row]:
+        """Up to ``limit`` endpoints named after ``after`` (from the first when None), by name."""
+        if after is None:
+            cur = self._exec(f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints ORDER BY name LIMIT ?", (limit,))
+        else:
+            cur = self._exec(f"SELECT {_ENDPOINT_COLUMNS} FROM endpoints WHERE name > ? ORDER BY name LIMIT ?",
+                             (after, limit))
+        return [_endpoint_row(r) for r in cur.fetchall()]
+
     def delete_endpoint(self, name: str) -> None:
         self._exec("DELETE FROM endpoints WHERE name = ?", (name,))
+
+    def idempotent_result(self, key: str) -> Row | None:
+        """What the registration made under idempotency ``key``: ``name, version, digest, created_at``."""
+        found = self._exec("SELECT name, version, digest, created_at FROM idempotency_keys WHERE idempotency_key = ?",
+                           (key,)).fetchone()
+        if found is None:
+            return None
+        name, version, digest, created_at = found
+        return {"name": name, "version": int(version), "digest": digest, "created_at": float(created_at)}
+
+    def remember_idempotent(self, key: str, name: str, version: int, digest: str, now: float, keep: float) -> None:
+        """Record what ``key`` registered, forgetting keys older than ``keep`` seconds."""
+        self._exec("DELETE FROM idempotency_keys WHERE created_at < ?", (now - keep,))
+        self._exec("INSERT INTO idempotency_keys (idempotency_key, name, version, digest, created_at) "
+                   "VALUES (?, ?, ?, ?, ?)", (key, name, version, digest, now))
 
     def insert_journal(self, entries: list[Row]) -> None:
         for e in entries:

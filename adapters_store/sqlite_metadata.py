@@ -92,6 +92,7 @@ class SqliteMetadata:
 
     def _open(self, path: Path, guard: Guard | None, migrate: bool) -> None:
         self._conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        _check_pages(self._conn)
         if guard is not None:
             with self.write() as tx:
                 guard.check_registry(path.name, tx.inspect())
@@ -116,20 +117,36 @@ class SqliteMetadata:
             if self._conn is None:
                 raise StoreError("failed_precondition", "the adapter store is closed")
             conn = self._conn
-            conn.execute(begin)
             try:
-                yield SqliteTx(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute(begin)
+                try:
+                    yield SqliteTx(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError as exc:
+                if type(exc) is not sqlite3.DatabaseError:  # a constraint or a lock, not a damaged file
+                    raise
+                raise StoreError("unavailable", f"{self.where} is damaged ({exc}); restore it from a backup, or "
+                                                "move it aside and run `loraplex store rebuild`") from None
 
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+
+def _check_pages(conn: sqlite3.Connection) -> None:
+    """Raise sqlite3.DatabaseError unless SQLite's own page check passes. A file whose header and
+    schema read fine can still have a damaged table, which the first query at start-up would hit
+    deep inside recovery; checked here, it is refused like any unreadable file (the registry is
+    small: the check reads it once)."""
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+    if problems != ["ok"]:
+        raise sqlite3.DatabaseError(f"damaged: {'; '.join(problems)}")
 
 
 def _configure(conn: sqlite3.Connection, path: Path) -> None:

@@ -27,7 +27,6 @@ copying run unlocked and in parallel; metadata transactions are serialised (see
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -38,7 +37,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from .blobs import BlobStore, present_digests
 from .endpoints import check_endpoint
@@ -46,12 +44,13 @@ from .errors import StoreError
 from .files import copy_files, digest_files, scan_flat_dir, seal
 from .guard import Guard
 from .journal import delete_entries, new_op, publish_entry, settle, stale
+from .limits import IDEMPOTENCY_SECONDS, check_idempotency_key, checked_metadata, short_text
 from .lock import StoreLock
 from .manifests import record_missing
 from .metadata import Metadata, MetadataTx, Row
 from .names import format_ref, parse_ref, validate_name
 from .postgres_metadata import PostgresMetadata, is_postgres_url
-from .records import KINDS, AdapterRecord, EndpointRecord
+from .records import AdapterRecord, EndpointRecord
 from .remote_blobs import RemoteBlobStore
 from .sqlite_metadata import SqliteMetadata, probe_file
 from .staging import StagingArea
@@ -232,12 +231,15 @@ class AdapterStore:
         with self._staging.new() as path:
             yield path
 
-    def publish(self, name: str, staged: Path, validate: Validate) -> AdapterRecord:
+    def publish(self, name: str, staged: Path, validate: Validate, idempotency_key: str | None = None) -> AdapterRecord:
         """Register the files in ``staged`` (a directory from :meth:`staging`) as the next version of ``name``.
 
         ``validate(staged)`` vets the adapter and returns its metadata, which must hold
         ``"kind"``; its exceptions propagate unchanged. ``staged`` is consumed (renamed into
-        the blobs) or left for :meth:`staging` to remove.
+        the blobs) or left for :meth:`staging` to remove. With an ``idempotency_key`` already
+        used for the same name and content within :data:`IDEMPOTENCY_SECONDS`, nothing is
+        registered and the version that first call made is returned (a client retrying a call
+        whose answer it lost gets the first result, not a second version).
         """
         validate_name(name)
         staged = Path(staged)
@@ -245,23 +247,52 @@ class AdapterStore:
             raise ValueError(f"publish() takes a directory made by AdapterStore.staging(), got {staged}")
         where = f"adapter {name!r}"
         files = scan_flat_dir(staged, self.max_adapter_bytes, where)
-        metadata = _checked_metadata(validate(staged))
         digest, size = digest_files(staged, files, self.max_adapter_bytes, where)
+        if idempotency_key is not None:
+            check_idempotency_key(idempotency_key)
+            with self._db.read() as tx:
+                earlier = self._earlier(tx, idempotency_key, name, digest)
+            if earlier is not None:
+                return earlier
+        metadata = checked_metadata(validate(staged))
         seal(staged, files)
         op_id = new_op()
         with self._db.write() as tx:
             tx.insert_journal(publish_entry(op_id, name, digest))
         try:
             with self._db.write() as tx:
+                earlier = None if idempotency_key is None else self._earlier(tx, idempotency_key, name, digest)
+                if earlier is not None:  # a concurrent retry registered it first; the journal drops our copy
+                    return earlier
                 self._blobs.place(staged, digest)
                 row = {"name": name, "version": tx.allocate_version(name), "kind": metadata["kind"],
                        "digest": digest, "size_bytes": size, "created_at": time.time(), "metadata": metadata}
                 tx.insert_adapter(row)
+                if idempotency_key is not None:
+                    tx.remember_idempotent(idempotency_key, name, row["version"], digest, row["created_at"],
+                                           IDEMPOTENCY_SECONDS)
         finally:
             self._settle(op_id)
         return self._adapter(row)
 
-    def publish_dir(self, name: str, source: Path, validate: Validate) -> AdapterRecord:
+    def _earlier(self, tx: MetadataTx, key: str, name: str, digest: str) -> AdapterRecord | None:
+        """The version an earlier registration under ``key`` made, if that is the same request."""
+        found = tx.idempotent_result(key)
+        if found is None or found["created_at"] < time.time() - IDEMPOTENCY_SECONDS:
+            return None
+        ref = format_ref(found["name"], found["version"])
+        if (found["name"], found["digest"]) != (name, digest):
+            what = "another adapter name" if found["name"] != name else "other files"
+            raise StoreError("failed_precondition", f"idempotency key {short_text(key)} already registered {ref} with "
+                                                    f"{what}; a new registration needs a new key")
+        row = tx.get_adapter(found["name"], found["version"])
+        if row is None:
+            raise StoreError("failed_precondition", f"idempotency key {short_text(key)} registered {ref}, which has "
+                                                    "since been deleted; a new registration needs a new key")
+        return self._adapter(row)
+
+    def publish_dir(self, name: str, source: Path, validate: Validate,
+                    idempotency_key: str | None = None) -> AdapterRecord:
         """Copy an adapter directory on this machine into staging, then :meth:`publish` it.
 
         Only a flat directory of regular files is accepted; symlinks, subdirectories and
@@ -272,7 +303,7 @@ class AdapterStore:
         files = scan_flat_dir(Path(source), self.max_adapter_bytes, where)
         with self.staging() as staged:
             copy_files(Path(source), staged, files, self.max_adapter_bytes, where)
-            return self.publish(name, staged, validate)
+            return self.publish(name, staged, validate, idempotency_key)
 
     def get(self, ref: str) -> AdapterRecord:
         """``"name"``: the latest version; ``"name@v"``: that version."""
@@ -284,6 +315,15 @@ class AdapterStore:
         """Every version of every adapter, by name then version."""
         with self._db.read() as tx:
             return [self._adapter(row) for row in tx.list_adapters()]
+
+    def list_page(self, after: tuple[str, int] | None, limit: int) -> tuple[AdapterList, tuple[str, int] | None]:
+        """Up to ``limit`` versions after ``(name, version)``, by name then version, and where the
+        next page starts (None after the last)."""
+        with self._db.read() as tx:
+            rows = tx.list_adapters_after(after, limit + 1)
+        page = [self._adapter(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return page, (page[-1].name, page[-1].version) if more else None
 
     def versions(self, name: str) -> AdapterList:
         """Every version of ``name``, oldest first; ``not_found`` if it has none."""
@@ -368,6 +408,14 @@ class AdapterStore:
         with self._db.read() as tx:
             return [_endpoint(row) for row in tx.list_endpoints()]
 
+    def list_endpoints_page(self, after: str | None, limit: int) -> tuple[EndpointList, str | None]:
+        """Up to ``limit`` endpoints named after ``after``, by name, and the name the next page
+        starts after (None after the last)."""
+        with self._db.read() as tx:
+            rows = tx.list_endpoints_after(after, limit + 1)
+        page = [_endpoint(row) for row in rows[:limit]]
+        return page, page[-1].name if len(rows) > limit else None
+
     def delete_endpoint(self, name: str) -> EndpointRecord:
         """Delete an endpoint; returns what it was."""
         validate_name(name, "endpoint")
@@ -423,17 +471,3 @@ def _endpoint(row: Row) -> EndpointRecord:
         canary_weight=float(row["canary_weight"]), created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
     )
-
-
-def _checked_metadata(metadata: Any) -> dict:
-    """The validation callback's result must be a JSON-serialisable dict naming a known kind."""
-    if not isinstance(metadata, dict):
-        raise TypeError(f"the validate callback must return a dict, got {type(metadata).__name__}")
-    if metadata.get("kind") not in KINDS:
-        raise TypeError(
-            f"the validate callback must return metadata with 'kind' in {KINDS}, got {metadata.get('kind')!r}"
-        )
-    try:
-        return json.loads(json.dumps(metadata))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"the validate callback returned metadata that is not JSON-serialisable: {exc}") from None

@@ -88,7 +88,8 @@ def stalls(ctx: BenchContext, counts: list[int], stream_tokens: int, streams: in
     log = ctx.out / "logs" / "adapter-load.log"
     out = []
     with start_server(ctx.model_dir, ctx.work / "store-load", log, "--max-loras", str(max(counts) + 1),
-                      "--max-running", str(streams + max(counts)), *ctx.engine_flags(), threads=ctx.threads) as server:
+                      "--max-running", str(streams + max(counts)), *ctx.engine_flags(),
+                      threads=ctx.threads, adapter_root=ctx.work) as server:
         ensure_registered(server.target, adapters, "s")
         used = 0
         for n in counts:

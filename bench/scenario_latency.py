@@ -28,7 +28,7 @@ def run(ctx: BenchContext) -> dict:
     runs = []
     with start_server(ctx.model_dir, ctx.work / "store-latency", ctx.out / "logs" / "latency.log",
                       "--max-loras", str(len(adapters)), "--max-queue", str(max_queue), "--max-running", "32",
-                      *ctx.engine_flags(), threads=ctx.threads) as server:
+                      *ctx.engine_flags(), threads=ctx.threads, adapter_root=ctx.work) as server:
         ensure_registered(server.target, adapters, "l")
         for rate in rates:
             ctx.log(f"latency: {rate} req/s")

@@ -62,7 +62,8 @@ def run(ctx: BenchContext) -> dict:
             ctx.log(f"many adapters: N={n}, slots={slots}")
             log = ctx.out / "logs" / f"many-{n}-{slots}.log"
             with start_server(ctx.model_dir, store, log, "--max-loras", str(slots), "--max-cpu-loras", str(slots),
-                              "--max-running", "32", *ctx.engine_flags(), threads=ctx.threads) as server:
+                              "--max-running", "32", *ctx.engine_flags(),
+                              threads=ctx.threads, adapter_root=ctx.work) as server:
                 ensure_registered(server.target, adapters[:n], "m")
                 if slots == n:  # the baseline: every adapter already resident, as if long warmed up
                     pin_all(server.target, n, "m")

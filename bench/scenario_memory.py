@@ -95,7 +95,8 @@ def cycles(ctx: BenchContext, total: int, warmup: int, every: int) -> list[tuple
     adapters = write_loras(ctx.model_dir, ctx.work / "cycle", 4, [8], ["q_proj", "v_proj"], seed=7000)
     points = []
     with start_server(ctx.model_dir, ctx.work / "store-cycles", ctx.out / "logs" / "memory-cycles.log",
-                      "--max-loras", "2", "--max-cpu-loras", "2", *ctx.engine_flags(), threads=ctx.threads) as server, \
+                      "--max-loras", "2", "--max-cpu-loras", "2", *ctx.engine_flags(),
+                      threads=ctx.threads, adapter_root=ctx.work) as server, \
             Client(server.target, timeout=120) as client:
         for stale in client.list_adapters():  # a previous run's leftovers
             client.delete_adapter(stale["name"])

@@ -62,14 +62,16 @@ class Server:
         self.stop()
 
 
-def start_server(model: Path, store: Path, log: Path, *extra: str, threads: int, timeout: float = 600) -> Server:
+def start_server(model: Path, store: Path, log: Path, *extra: str, threads: int, adapter_root: Path,
+                 timeout: float = 600) -> Server:
     """Start `loraplex serve` on free ports and wait for its ready line (the store may hold
-    thousands of adapters, which it re-registers before it is ready). Without the prefix cache:
-    the scenarios replay a few prompts, which would measure cache hits, not the engine under load
-    (`prefix_reuse` measures the cache)."""
+    thousands of adapters, which it re-registers before it is ready). Adapters inside
+    `adapter_root` may be registered by server path (`ensure_registered`). Without the prefix
+    cache: the scenarios replay a few prompts, which would measure cache hits, not the engine under
+    load (`prefix_reuse` measures the cache)."""
     cmd = [sys.executable, "-m", "loraplex.clients.cli", "serve", "--model", str(model), "--store", str(store),
            "--port", "0", "--metrics-port", "0", "--threads", str(threads), "--registry-poll-seconds", "0",
-           "--log-level", "WARNING", "--no-prefix-caching", *extra]
+           "--log-level", "WARNING", "--no-prefix-caching", "--adapter-root", str(adapter_root), *extra]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

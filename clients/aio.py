@@ -1,6 +1,7 @@
 """Asyncio Python client for a loraplex server: the surface of `Client`, on `grpc.aio`."""
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from google.protobuf.message import Message
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from .client import (
+    REGISTRATION_RETRY_WAITS,
     Completion,
     LoraplexError,
     StreamEvent,
@@ -19,6 +21,7 @@ from .client import (
     channel_credentials,
     completion,
     endpoint_message,
+    new_key,
     stream_event,
     to_dict,
     upload_requests,
@@ -95,23 +98,31 @@ class AsyncClient:
 
     # --- adapters ---
 
-    async def register_adapter(self, name: str, path: str) -> dict:
-        """Register the adapter directory at `path` on the server's filesystem."""
-        return await self._admin_call("RegisterAdapter", admin_pb2.RegisterAdapterRequest(name=name, path=path))
+    async def register_adapter(self, name: str, path: str, *, idempotency_key: str | None = None) -> dict:
+        """As `Client.register_adapter`: retried while UNAVAILABLE, under one idempotency key."""
+        request = admin_pb2.RegisterAdapterRequest(name=name, path=path, idempotency_key=idempotency_key or new_key())
+        return await retried(lambda: self._admin_call("RegisterAdapter", request))
 
-    async def upload_adapter(self, name: str, local_dir: str | os.PathLike, chunk_size: int = 1 << 20) -> dict:
-        """Upload every file of the flat local directory `local_dir` and register it as `name`.
-
-        Files are read in the event loop's thread, one chunk at a time.
+    async def upload_adapter(self, name: str, local_dir: str | os.PathLike, chunk_size: int = 1 << 20, *,
+                             idempotency_key: str | None = None) -> dict:
+        """Upload every file of the flat local directory `local_dir` and register it as `name`;
+        retried as `register_adapter` is. Files are read in the event loop's thread, one chunk at a time.
         """
-        requests = upload_requests(name, local_dir, chunk_size)
-        return to_dict(await self._call(self._admin.UploadAdapter, requests, self._admin_md, None))
+        key = idempotency_key or new_key()
+        upload_requests(name, local_dir, chunk_size)  # a bad directory fails now, before any call
+
+        async def attempt() -> dict:
+            requests = upload_requests(name, local_dir, chunk_size, key)
+            return to_dict(await self._call(self._admin.UploadAdapter, requests, self._admin_md, None))
+
+        return await retried(attempt)
 
     async def get_adapter(self, ref: str) -> dict:
         return await self._admin_call("GetAdapter", admin_pb2.AdapterRef(name=ref))
 
     async def list_adapters(self) -> list[dict]:
-        return (await self._admin_call("ListAdapters", admin_pb2.ListAdaptersRequest())).get("adapters", [])
+        """Every version of every adapter, by name then version (all pages)."""
+        return await self._all_pages("ListAdapters", admin_pb2.ListAdaptersRequest, "adapters")
 
     async def delete_adapter(self, ref: str) -> list[dict]:
         return (await self._admin_call("DeleteAdapter", admin_pb2.AdapterRef(name=ref))).get("deleted", [])
@@ -163,7 +174,8 @@ class AsyncClient:
         return await self._admin_call("GetEndpoint", admin_pb2.EndpointRef(name=name))
 
     async def list_endpoints(self) -> list[dict]:
-        return (await self._admin_call("ListEndpoints", admin_pb2.ListEndpointsRequest())).get("endpoints", [])
+        """Every endpoint, by name (all pages)."""
+        return await self._all_pages("ListEndpoints", admin_pb2.ListEndpointsRequest, "endpoints")
 
     async def delete_endpoint(self, name: str) -> None:
         await self._admin_call("DeleteEndpoint", admin_pb2.EndpointRef(name=name))
@@ -184,3 +196,26 @@ class AsyncClient:
 
     async def _admin_call(self, rpc: str, request: Message) -> dict:
         return to_dict(await self._call(getattr(self._admin, rpc), request, self._admin_md, None))
+
+    async def _all_pages(self, rpc: str, request_type: type, field: str) -> list[dict]:
+        items: list[dict] = []
+        token = ""
+        while True:
+            page = await self._admin_call(rpc, request_type(page_token=token))
+            items += page.get(field, [])
+            token = page.get("next_page_token", "")
+            if not token:
+                return items
+
+
+async def retried(call: Any) -> Any:
+    """`await call()`, tried again after each of REGISTRATION_RETRY_WAITS while it fails UNAVAILABLE."""
+    for wait in REGISTRATION_RETRY_WAITS:
+        try:
+            return await call()
+        except LoraplexError as exc:
+            if exc.code != "UNAVAILABLE":
+                raise
+        await asyncio.sleep(wait)
+    return await call()
+

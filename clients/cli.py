@@ -37,7 +37,7 @@ _SERVE = {
     "safetensors": "safetensors", "gguf": "gguf", "sentencepiece": "sentencepiece", "jinja2": "jinja2",
     "bitsandbytes": "bitsandbytes", "prometheus-client": "prometheus_client",
     "grpcio-health-checking": "grpc_health", "grpcio-reflection": "grpc_reflection", "aiohttp": "aiohttp",
-    "accelerate": "accelerate",
+    "regex": "regex", "accelerate": "accelerate",
 }
 EXTRAS: dict[str, dict[str, str]] = {
     "serve": _SERVE,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,11 @@ elif TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["Client", "Completion", "GenerateOptions", "LoraplexError", "ServedBy", "StreamEvent"]
+
+# Seconds to wait before each retry of a registration the server answered UNAVAILABLE (it was
+# restarting, or the connection dropped after the request was sent): the call's idempotency key
+# makes a retry return the version the first attempt may have created, never a second one.
+REGISTRATION_RETRY_WAITS = (0.5, 1.0, 2.0, 4.0)
 
 FINISH_REASONS = {
     inference_pb2.FINISH_REASON_LENGTH: "length",
@@ -152,15 +159,17 @@ def adapter_files(local_dir: str | os.PathLike) -> list[Path]:
     return files
 
 
-def upload_requests(name: str, local_dir: str | os.PathLike, chunk_size: int) -> Iterator[admin_pb2.UploadAdapterRequest]:
-    """The upload's messages: the name first, then each file as chunks (an empty file still
-    sends one, empty, chunk). The directory is checked now; files are read as gRPC sends."""
+def upload_requests(name: str, local_dir: str | os.PathLike, chunk_size: int,
+                    idempotency_key: str = "") -> Iterator[admin_pb2.UploadAdapterRequest]:
+    """The upload's messages: the name (and idempotency key) first, then each file as chunks (an
+    empty file still sends one, empty, chunk). The directory is checked now; files are read as
+    gRPC sends."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     files = adapter_files(local_dir)
 
     def messages() -> Iterator[admin_pb2.UploadAdapterRequest]:
-        yield admin_pb2.UploadAdapterRequest(name=name)
+        yield admin_pb2.UploadAdapterRequest(name=name, idempotency_key=idempotency_key)
         for path in files:
             with open(path, "rb") as f:
                 data = f.read(chunk_size)
@@ -308,21 +317,33 @@ class Client:
 
     # --- adapters ---
 
-    def register_adapter(self, name: str, path: str) -> dict:
-        """Register the adapter directory at `path` on the server's filesystem."""
-        return self._admin_call("RegisterAdapter", admin_pb2.RegisterAdapterRequest(name=name, path=path))
+    def register_adapter(self, name: str, path: str, *, idempotency_key: str | None = None) -> dict:
+        """Register the adapter directory at `path` on the server's filesystem (inside one of its
+        --adapter-root directories). Retried while the server is UNAVAILABLE, under one
+        idempotency key (a new UUID unless given), so it registers one version at most."""
+        request = admin_pb2.RegisterAdapterRequest(name=name, path=path, idempotency_key=idempotency_key or new_key())
+        return retried(lambda: self._admin_call("RegisterAdapter", request))
 
-    def upload_adapter(self, name: str, local_dir: str | os.PathLike, chunk_size: int = 1 << 20) -> dict:
-        """Upload every file of the flat local directory `local_dir` and register it as `name`."""
-        requests = upload_requests(name, local_dir, chunk_size)
-        return to_dict(self._call(self._admin.UploadAdapter, requests, self._admin_md, None))
+    def upload_adapter(self, name: str, local_dir: str | os.PathLike, chunk_size: int = 1 << 20, *,
+                       idempotency_key: str | None = None) -> dict:
+        """Upload every file of the flat local directory `local_dir` and register it as `name`;
+        retried as `register_adapter` is."""
+        key = idempotency_key or new_key()
+        upload_requests(name, local_dir, chunk_size)  # a bad directory fails now, before any call
+
+        def attempt() -> dict:
+            requests = upload_requests(name, local_dir, chunk_size, key)
+            return to_dict(self._call(self._admin.UploadAdapter, requests, self._admin_md, None))
+
+        return retried(attempt)
 
     def get_adapter(self, ref: str) -> dict:
         """"name" (its latest version) or "name@version"."""
         return self._admin_call("GetAdapter", admin_pb2.AdapterRef(name=ref))
 
     def list_adapters(self) -> list[dict]:
-        return self._admin_call("ListAdapters", admin_pb2.ListAdaptersRequest()).get("adapters", [])
+        """Every version of every adapter, by name then version (all pages)."""
+        return self._all_pages("ListAdapters", admin_pb2.ListAdaptersRequest, "adapters")
 
     def delete_adapter(self, ref: str) -> list[dict]:
         """Delete "name@version", or every version of "name"; returns what was deleted."""
@@ -375,7 +396,8 @@ class Client:
         return self._admin_call("GetEndpoint", admin_pb2.EndpointRef(name=name))
 
     def list_endpoints(self) -> list[dict]:
-        return self._admin_call("ListEndpoints", admin_pb2.ListEndpointsRequest()).get("endpoints", [])
+        """Every endpoint, by name (all pages)."""
+        return self._all_pages("ListEndpoints", admin_pb2.ListEndpointsRequest, "endpoints")
 
     def delete_endpoint(self, name: str) -> None:
         self._admin_call("DeleteEndpoint", admin_pb2.EndpointRef(name=name))
@@ -396,3 +418,31 @@ class Client:
 
     def _admin_call(self, rpc: str, request: Message) -> dict:
         return to_dict(self._call(getattr(self._admin, rpc), request, self._admin_md, None))
+
+    def _all_pages(self, rpc: str, request_type: type, field: str) -> list[dict]:
+        items: list[dict] = []
+        token = ""
+        while True:
+            page = self._admin_call(rpc, request_type(page_token=token))
+            items += page.get(field, [])
+            token = page.get("next_page_token", "")
+            if not token:
+                return items
+
+
+def new_key() -> str:
+    """A fresh idempotency key for one registration."""
+    return uuid.uuid4().hex
+
+
+def retried(call: Any) -> Any:
+    """`call()`, tried again after each of REGISTRATION_RETRY_WAITS while it fails UNAVAILABLE."""
+    for wait in REGISTRATION_RETRY_WAITS:
+        try:
+            return call()
+        except LoraplexError as exc:
+            if exc.code != "UNAVAILABLE":
+                raise
+        time.sleep(wait)
+    return call()
+

@@ -177,7 +177,12 @@ def adapters_parser() -> argparse.ArgumentParser:
     register.add_argument("name", metavar="NAME")
     register.add_argument("dir", metavar="DIR", help="a flat PEFT adapter directory")
     register.add_argument("--server-path", action="store_true",
-                          help="DIR is a path on the server's filesystem: register it there, upload nothing")
+                          help="DIR is a path on the server's filesystem (inside one of its --adapter-root "
+                               "directories): register it there, upload nothing")
+    register.add_argument("--idempotency-key", metavar="KEY",
+                          help="run again with the same KEY and get the version the first run registered, not a "
+                               "new one (default: a fresh key; the command itself retries with it while the "
+                               "server is unavailable)")
     sub.add_parser("list", parents=[common], help="list every adapter version")
     for action, text in (("show", "show one adapter (the latest version of NAME, or NAME@VERSION)"),
                          ("delete", "delete NAME@VERSION, or every version of NAME"),
@@ -188,9 +193,9 @@ def adapters_parser() -> argparse.ArgumentParser:
 
 def _register(client: Client, args: argparse.Namespace) -> dict:
     if args.server_path:
-        return client.register_adapter(args.name, args.dir)
+        return client.register_adapter(args.name, args.dir, idempotency_key=args.idempotency_key)
     try:
-        return client.upload_adapter(args.name, args.dir)
+        return client.upload_adapter(args.name, args.dir, idempotency_key=args.idempotency_key)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

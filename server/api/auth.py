@@ -11,6 +11,7 @@ import hmac
 
 import grpc
 
+from .method_handlers import same_kind
 from .status import abort
 
 INFERENCE_PREFIX = "/loraplex.v1.Inference/"
@@ -70,13 +71,4 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
         await abort(context, "UNAUTHENTICATED", message)
         yield  # an async generator, as streaming handlers are
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    behaviour = deny_stream if handler.response_streaming else deny
-    return make(behaviour, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return same_kind(handler, deny_stream if handler.response_streaming else deny, handler.request_deserializer)

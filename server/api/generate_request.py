@@ -44,13 +44,19 @@ class GenerateCall:
     messages: list[dict] | None = None
     sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the client set
     request_id: str = ""
+    # when the client stops waiting, in time.monotonic() terms (gRPC's deadline); None: never.
+    # An end past it is counted as deadline_exceeded, not as the client's cancel (generation.py)
+    deadline: float | None = None
 
 
 @dataclass
 class ServerDefaults:
     max_new_tokens: int = 256  # when neither request nor endpoint says
     max_new_tokens_limit: int = 4096  # no request may ask for more
-    max_prompt_chars: int = 1 << 20
+    # blunt outer bounds on what reaches the engine, which then bounds a text by the model's
+    # context before tokenizing it (intake.py)
+    max_prompt_chars: int = 1 << 20  # a prompt's characters; a chat's roles and contents together
+    max_chat_messages: int = 2048  # OpenAI's own limit on a chat's messages
 
 
 @dataclass
@@ -106,12 +112,16 @@ def _input(call: GenerateCall, defaults: ServerDefaults) -> tuple[str | None, li
     messages = call.messages or []
     if not messages:
         raise ApiError("INVALID_ARGUMENT", "the chat has no messages")
+    if len(messages) > defaults.max_chat_messages:
+        raise ApiError("INVALID_ARGUMENT", f"the chat has {len(messages)} messages, more than the server's limit of "
+                                           f"{defaults.max_chat_messages}; send fewer turns")
     for i, m in enumerate(messages):
         if not m.get("role"):
             raise ApiError("INVALID_ARGUMENT", f"chat message {i} has no role")
-    if sum(len(m.get("content", "")) for m in messages) > defaults.max_prompt_chars:
-        raise ApiError("INVALID_ARGUMENT", f"the chat is longer than the server's limit of "
-                                           f"{defaults.max_prompt_chars} characters")
+    size = sum(len(m.get("role", "")) + len(m.get("content", "")) for m in messages)
+    if size > defaults.max_prompt_chars:
+        raise ApiError("INVALID_ARGUMENT", f"the chat's roles and contents have {size} characters, more than the "
+                                           f"server's limit of {defaults.max_prompt_chars}")
     return None, messages
 
 

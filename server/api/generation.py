@@ -4,7 +4,15 @@
 thread, submits it (a full queue is RESOURCE_EXHAUSTED at once) and yields the engine's outputs
 until the request is over. Errors are `ApiError`s the front maps to its own codes. Whatever way
 it ends (finished, refused, failed, or the front stops iterating because its client went away)
-the request is freed in the engine and recorded once in the metrics.
+the request is freed in the engine and recorded once in the metrics: a request that ends early
+within `DEADLINE_SLACK_S` of its call's deadline (or after it) as `deadline_exceeded`, any other as
+`cancelled`. The slack covers the client giving up on its own clock: its cancel reaches the server
+before the server's copy of the deadline (on loopback about 10 ms later: the grpc-timeout header is
+rounded up and read on arrival).
+
+A request naming an adapter this replica could not register (`ServerState.unservable`, say its
+blob was missing at start-up) first retries registering it (`registry_sync.retry_unservable`, at
+most once per adapter every few seconds), so restoring the files makes it servable again.
 """
 from __future__ import annotations
 
@@ -20,7 +28,10 @@ from loraplex.server.engine.sequence import RequestOutput
 from .engine_loop import QueueFull
 from .generate_request import ApiError, GenerateCall, Resolved, resolve
 from .metrics import UNKNOWN_ENDPOINT
+from .registry_sync import retry_unservable
 from .server_state import ServerState
+
+DEADLINE_SLACK_S = 0.1
 
 
 async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tuple[Resolved, RequestOutput]]:
@@ -40,7 +51,7 @@ async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tupl
             raise
         endpoint = resolved.endpoint
         for ref in (resolved.adapter, resolved.soft_prompt):
-            if ref in state.unservable:
+            if ref in state.unservable and not await retry_unservable(state, ref):
                 raise ApiError("FAILED_PRECONDITION", f"{ref} is {state.not_servable(ref)}")
         loop = state.engine_loop
         try:
@@ -78,15 +89,22 @@ async def generate(state: ServerState, call: GenerateCall) -> AsyncIterator[tupl
         status = exc.code.lower()
         raise
     except asyncio.CancelledError:
-        status = "cancelled"
+        status = _ended_early(call)
         raise
     finally:
         if request_id is not None:  # client cancelled, deadline passed, or an error: free it
             state.engine_loop.abort(request_id)
             if status == "ok":
-                status = "cancelled"
+                status = _ended_early(call)
         state.metrics.record_finished(endpoint, status, arrival, first_token, time.monotonic(),
                                       prompt_tokens, sum(generated.values()))
+
+
+def _ended_early(call: GenerateCall) -> str:
+    """The status of a request its client stopped waiting for: its deadline's, or a cancel's."""
+    if call.deadline is not None and time.monotonic() >= call.deadline - DEADLINE_SLACK_S:
+        return "deadline_exceeded"
+    return "cancelled"
 
 
 def _known_endpoint(state: ServerState, name: str) -> str | None:

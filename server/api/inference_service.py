@@ -1,6 +1,7 @@
 """The `loraplex.v1.Inference` gRPC service: Generate and GenerateStream."""
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -21,7 +22,8 @@ SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "i
                    "top_logprobs")
 
 
-def call_from_proto(req: pb.GenerateRequest) -> GenerateCall:
+def call_from_proto(req: pb.GenerateRequest, deadline: float | None = None) -> GenerateCall:
+    """The front-neutral call; `deadline` in time.monotonic() terms (see `call_deadline`)."""
     sampling = {f: getattr(req.sampling, f) for f in SAMPLING_FIELDS if req.sampling.HasField(f)}
     if req.sampling.stop:
         sampling["stop"] = list(req.sampling.stop)
@@ -30,8 +32,14 @@ def call_from_proto(req: pb.GenerateRequest) -> GenerateCall:
         endpoint=req.endpoint, adapter=req.adapter, soft_prompt=req.soft_prompt,
         prompt=req.prompt if which == "prompt" else None,
         messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
-        sampling=sampling, request_id=req.request_id,
+        sampling=sampling, request_id=req.request_id, deadline=deadline,
     )
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's gRPC deadline as a time.monotonic() value; None when the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -88,7 +96,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                    ) -> AsyncIterator[tuple[Resolved, RequestOutput]]:
         """The request's outputs; a refusal or failure aborts the call with its status code."""
         try:
-            async with aclosing(generate(self.state, call_from_proto(request))) as outputs:
+            async with aclosing(generate(self.state, call_from_proto(request, call_deadline(context)))) as outputs:
                 async for item in outputs:
                     yield item
         except ApiError as exc:

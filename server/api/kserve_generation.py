@@ -16,7 +16,7 @@ from loraplex.v1 import kserve_v2_pb2 as pb
 
 from .generate_request import ApiError, GenerateCall
 from .model_names import Model
-from .kserve_tensors import NUMERIC, Tensor, read_inputs
+from .kserve_tensors import NUMERIC, Tensor, read_inputs, shown
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
@@ -96,7 +96,7 @@ def _prompt(tensor: Tensor) -> str:
         raise ApiError("INVALID_ARGUMENT", f"{TEXT_INPUT} must be BYTES, got {tensor.datatype}")
     if len(tensor.values) != 1 or len(tensor.shape) not in (1, 2):
         raise ApiError("INVALID_ARGUMENT", f"{TEXT_INPUT} must hold one prompt (shape [1] or [1, 1]), "
-                                           f"got shape {tensor.shape}")
+                                           f"got shape {shown(tensor.shape)}")
     try:
         return tensor.values[0].decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -109,7 +109,8 @@ def _scalar(tensor: Tensor) -> Any:
         raise ApiError("INVALID_ARGUMENT", f"input {tensor.name!r} must be one of {', '.join(datatypes)}, "
                                            f"got {tensor.datatype}")
     if len(tensor.values) != 1:
-        raise ApiError("INVALID_ARGUMENT", f"input {tensor.name!r} must hold one value, got shape {tensor.shape}")
+        raise ApiError("INVALID_ARGUMENT", f"input {tensor.name!r} must hold one value, "
+                                           f"got shape {shown(tensor.shape)}")
     return kind(tensor.values[0])
 
 

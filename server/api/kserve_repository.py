@@ -20,6 +20,7 @@ from loraplex.v1 import kserve_v2_pb2 as pb
 
 from .generate_request import ApiError, store_error
 from .model_names import Model, find_model
+from .registry_sync import retry_unservable
 from .server_state import ServerState
 
 UNLOAD_PARAMETERS = {"unload_dependents"}  # tritonclient always sends it; nothing depends on an adapter
@@ -88,6 +89,9 @@ async def _loras(state: ServerState, name: str) -> list[str]:
 
 
 async def _pin(state: ServerState, ref: str) -> None:
+    if ref in state.unservable:  # its files may have been restored since start-up
+        await retry_unservable(state, ref)
+
     def pin(engine) -> None:
         if engine.adapter_kind(ref) is None:
             raise ApiError("FAILED_PRECONDITION", f"{ref} is {state.not_servable(ref)}")

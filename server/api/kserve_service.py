@@ -10,6 +10,7 @@ metrics are the same on every front.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -23,6 +24,7 @@ from loraplex.v1 import kserve_v2_pb2_grpc
 from . import kserve_repository
 from .generate_request import ApiError, GenerateCall
 from .generation import generate
+from .inference_service import call_deadline
 from .kserve_generation import INPUTS_METADATA, OUTPUTS_METADATA, TEXT_OUTPUT, TextGeneration, generate_call, parse
 from .kserve_tensors import bytes_output
 from .model_names import Model, find_model
@@ -76,10 +78,10 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
 
     # inference --------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        model, gen, call = await self._guard(context, self._prepare(request))
+        model, gen, call = await self._guard(context, self._prepare(request, call_deadline(context)))
         if gen.stream:
-            await abort(context, "INVALID_ARGUMENT", "stream is true: use ModelStreamInfer (tritonclient: start_stream and "
-                                "async_stream_infer) for streamed responses")
+            await abort(context, "INVALID_ARGUMENT", "stream is true: use ModelStreamInfer (tritonclient: "
+                                                     "start_stream and async_stream_infer) for streamed responses")
         text, ending = await self._guard(context, self._complete(call))
         return _response(request, model, gen, text if gen.exclude_input else gen.prompt + text, ending)
 
@@ -95,7 +97,7 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    task = asyncio.create_task(self._stream_one(request, out))
+                    task = asyncio.create_task(self._stream_one(request, out, call_deadline(context)))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 while tasks:  # the client closed its side: answer what it sent, then end
@@ -116,10 +118,10 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest, out: asyncio.Queue) -> None:
+    async def _stream_one(self, request: pb.ModelInferRequest, out: asyncio.Queue, deadline: float | None) -> None:
         """One request of a stream; its failure is reported in the stream, which goes on."""
         try:
-            model, gen, call = await self._prepare(request)
+            model, gen, call = await self._prepare(request, deadline)
             if not gen.stream:
                 text, ending = await self._complete(call)
                 response = _response(request, model, gen, text if gen.exclude_input else gen.prompt + text, ending)
@@ -169,10 +171,12 @@ class KServeService(kserve_v2_pb2_grpc.GRPCInferenceServiceServicer):
     async def _model(self, name: str, version: str) -> Model:
         return await asyncio.to_thread(find_model, self.state.store, self.state.model_name, name, version)
 
-    async def _prepare(self, request: pb.ModelInferRequest) -> tuple[Model, TextGeneration, GenerateCall]:
+    async def _prepare(self, request: pb.ModelInferRequest, deadline: float | None
+                       ) -> tuple[Model, TextGeneration, GenerateCall]:
+        """The request decoded and resolved; `deadline` is the call's (see inference_service.call_deadline)."""
         gen = parse(request)  # malformed tensors fail before the registry is read
         model = await self._model(request.model_name, request.model_version)
-        return model, gen, generate_call(gen, model)
+        return model, gen, dataclasses.replace(generate_call(gen, model), deadline=deadline)
 
     @staticmethod
     async def _guard(context: grpc.aio.ServicerContext, work):

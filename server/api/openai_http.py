@@ -10,6 +10,11 @@ status a gRPC status name maps to (400, 401, 404, 429, 500, 503, ...).
 A streamed request waits for its first output before answering, so anything refused up to
 then (bad values, unknown adapter, full queue) still gets its own status code; a failure after
 that arrives as an `error` event.
+
+A connection gets `--http-header-timeout` seconds for each request's line and headers (408, then
+closed: see `HeadDeadline`) and `--http-idle-timeout` seconds idle between requests; a body nested
+deeper than `bounded_json.MAX_JSON_DEPTH` levels, or with an integer of more than
+`MAX_JSON_INT_DIGITS` digits, is a 400, refused before json.loads recurses or converts it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ import time
 from contextlib import aclosing
 
 from aiohttp import web
+
+from loraplex.server.engine.bounded_json import JSONLimitError, load_json
 
 from .generate_request import ApiError
 from .generation import generate, token_text
@@ -101,9 +108,11 @@ def _authorized(request: web.Request, key: str) -> bool:
 async def _json(request: web.Request) -> dict:
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = load_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OpenAIError("INVALID_ARGUMENT", f"the request body is not valid JSON: {exc}") from None
+    except JSONLimitError as exc:
+        raise OpenAIError("INVALID_ARGUMENT", f"the request body {exc}") from None
     if not isinstance(body, dict):
         raise OpenAIError("INVALID_ARGUMENT", "the request body must be a JSON object")
     return body
@@ -191,13 +200,129 @@ def build_app(state: ServerState, api_key: str | None, max_body_bytes: int) -> w
     return app
 
 
-async def start(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, int]:
+@dataclasses.dataclass(frozen=True)
+class HttpTimeouts:
+    """How long a connection may take to send a request's line and headers (`--http-header-timeout`)
+    and how long it may sit idle between requests (`--http-idle-timeout`), in seconds."""
+
+    header: float = 10.0
+    idle: float = 75.0
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--http-header-timeout", self.header), ("--http-idle-timeout", self.idle)):
+            if not value > 0:
+                raise ValueError(f"{flag} must be a positive number of seconds, not {value}")
+
+
+class HeadDeadline(web.RequestHandler):
+    """aiohttp's connection protocol with a deadline on each request's head.
+
+    aiohttp 3.14 has `keepalive_timeout` (armed at connect and after each response; it closes a
+    connection still waiting for a complete request then) but no deadline for the request line
+    and headers: a client sending a header byte a minute held its connection for the keep-alive
+    time, 3630 s by default. Here the first request's head must be complete within `header`
+    seconds of the connection (the TLS handshake included), and a later one's within `header`
+    seconds of its first byte; a head left incomplete is answered 408 and the connection closed.
+    Only the head counts: once it is parsed, a slow body upload or a long stream runs unbounded
+    (the body is bounded by size, `--max-message-bytes`)."""
+
+    def __init__(self, manager: web.Server, *, header_timeout: float, **kwargs) -> None:
+        super().__init__(manager, **kwargs)
+        self.header_timeout = header_timeout
+        self.answered = 0  # responses finished; a head is awaited while every parsed request is answered
+        self.head_begun = False  # bytes of the awaited head have arrived
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def awaiting_head(self) -> bool:
+        return self._request_count == self.answered  # aiohttp counts each request once its head is parsed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.arm()
+
+    def data_received(self, data: bytes) -> None:
+        if data and self.awaiting_head():
+            self.head_begun = True
+            self.arm()
+        super().data_received(data)
+        if not self.awaiting_head():
+            self.disarm()
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self.answered += 1
+            self.head_begun = False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.disarm()
+        super().connection_lost(exc)
+
+    def arm(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = asyncio.get_running_loop().call_later(self.header_timeout, self.head_timed_out)
+
+    def disarm(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.awaiting_head() or self.transport is None:
+            return
+        if self.head_begun:  # a silent connection is just closed, as an idle one is
+            self.transport.write(_request_timeout(self.header_timeout))
+        self.force_close()
+
+
+def _request_timeout(seconds: float) -> bytes:
+    """A whole 408 response in OpenAI's error shape, written straight to the transport."""
+    body = json.dumps({"error": {
+        "message": f"the request line and headers did not arrive within {seconds:g} seconds "
+                   "(the server's --http-header-timeout)",
+        "type": "invalid_request_error", "param": None, "code": "request_timeout"}}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+class HeadDeadlineSite(web.BaseSite):
+    """A TCP site whose connections are `HeadDeadline` protocols (aiohttp offers no setting for the
+    protocol class: `TCPSite` always makes the runner's own `RequestHandler`)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                 timeouts: HttpTimeouts) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.app_runner, self.host, self.port, self.timeouts = runner, host, port, timeouts
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self.host}:{self.port}"
+
+    def protocol(self) -> HeadDeadline:
+        return HeadDeadline(self.app_runner.server, loop=asyncio.get_running_loop(),
+                            header_timeout=self.timeouts.header, keepalive_timeout=self.timeouts.idle, access_log=None)
+
+    async def start(self) -> None:
+        await super().start()  # registers the site with its runner, which stops it at cleanup
+        handshake = {"ssl_handshake_timeout": self.timeouts.header} if self._ssl_context else {}
+        self._server = await asyncio.get_running_loop().create_server(
+            self.protocol, self.host, self.port, ssl=self._ssl_context, backlog=self._backlog, **handshake)
+
+
+async def start(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                timeouts: HttpTimeouts = HttpTimeouts()) -> tuple[web.AppRunner, int]:
     """Serve `app` on the running loop; returns the runner (for cleanup) and the bound port (0 picks one).
     A client that disconnects cancels its handler, which frees its request in the engine."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
+    try:
+        await HeadDeadlineSite(runner, host, port, ssl_context, timeouts).start()
+    except OSError:
+        await runner.cleanup()
+        raise
     return runner, runner.addresses[-1][1]
 
 

@@ -183,8 +183,9 @@ def _messages(value: Any) -> list[dict]:
         if not isinstance(m, dict):
             raise _bad(where, f"'{where}' must be an object, got {_type_name(m)}")
         role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise _bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            got = repr(role[:40]) if isinstance(role, str) else _type_name(role)
+            raise _bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {got}")
         out.append({"role": CHAT_ROLES[role], "content": _content(m.get("content"), f"{where}.content", role)})
     return out
 

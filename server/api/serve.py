@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-port", type=int, default=9400, help="Prometheus /metrics port (0: pick one)")
     g.add_argument("--http-port", type=int, default=None,
                    help="serve the OpenAI-compatible HTTP API on this port (default off; 0: pick one)")
+    g.add_argument("--http-header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds an HTTP connection gets to send a request's line and headers, counted from "
+                        "the connection (TLS handshake included) or the request's first byte; late ones get 408 "
+                        "and are closed (default 10; bodies and streamed responses are not timed)")
+    g.add_argument("--http-idle-timeout", type=float, default=75.0, metavar="SECONDS",
+                   help="seconds an idle keep-alive HTTP connection stays open between requests (default 75: "
+                        "longer than the 60 s of common proxies and load balancers, so they close first)")
     g.add_argument("--store", default=os.environ.get("LORAPLEX_STORE", str(Path.home() / ".local/share/loraplex/store")),
                    help="registry: a directory (SQLite metadata and content-addressed blobs), or "
                         "postgresql://user:password@host/db shared by several replicas (with --blobs)")
@@ -51,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens-limit", type=int, default=4096, help="the most any request may ask for")
     g.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest gRPC message accepted")
     g.add_argument("--max-adapter-bytes", type=int, default=4 << 30, help="largest adapter accepted")
+    g.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="a directory whose adapter directories the Admin API may register by server path "
+                        "(repeatable); without one, adapters register by upload only")
     g.add_argument("--max-endpoint-labels", type=int, default=100, help="distinct endpoint label values in metrics")
     g.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get after SIGTERM")
     g.add_argument("--log-level", default="INFO")
@@ -64,6 +74,10 @@ def main(argv: list[str]) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    for root in args.adapter_root:
+        if not os.path.isdir(root):
+            print(f"error: --adapter-root {root}: no such directory", file=sys.stderr)
+            return 2
     from .auth import read_token_file
 
     try:
@@ -164,13 +178,16 @@ async def _wire(args: argparse.Namespace, state, api_key: str | None, admin_toke
     from .inference_service import InferenceService
     from .kserve_service import KServeService
     from .registry_sync import RegistrySync
+    from .wire_errors import UndecodableRequests
 
     options = [("grpc.max_receive_message_length", args.max_message_bytes),
                ("grpc.max_send_message_length", args.max_message_bytes)]
-    server = grpc.aio.server(interceptors=[AuthInterceptor(api_key, admin_token)], options=options)
+    # auth first: an unauthenticated call is refused as such, whatever bytes it sent
+    server = grpc.aio.server(interceptors=[AuthInterceptor(api_key, admin_token), UndecodableRequests()],
+                             options=options)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceService(state), server)
     kserve_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(state), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, args.max_adapter_bytes), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, args.max_adapter_bytes, args.adapter_root), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     named = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -204,8 +221,12 @@ async def _start_http(args: argparse.Namespace, state, api_key: str | None, stac
 
     tls = openai_http.tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     try:
+        timeouts = openai_http.HttpTimeouts(args.http_header_timeout, args.http_idle_timeout)
+    except ValueError as exc:
+        raise StartupError(exc) from None
+    try:
         runner, port = await openai_http.start(openai_http.build_app(state, api_key, args.max_message_bytes),
-                                               args.host, args.http_port, tls)
+                                               args.host, args.http_port, tls, timeouts)
     except OSError as exc:
         raise StartupError(f"cannot listen on {args.host}:{args.http_port} for HTTP: {exc}") from None
     stack.push_async_callback(runner.cleanup)

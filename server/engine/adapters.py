@@ -28,7 +28,6 @@ maths must fail loudly, not serve subtly wrong outputs.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from .adapter_errors import AdapterError, short
 from .adapter_format import BLOCK_OF, LORA_KEY, PROJECTIONS, BaseModelShape, module_name
+from .module_regex import compile_regex, matching, pattern_key_regex
 from .peft_config import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -285,6 +285,20 @@ def _plan_soft_prompt(
     return "prompt_embeddings"
 
 
+def _model_modules(base: BaseModelShape) -> list[str]:
+    return [module_name(layer, proj) for layer in range(base.num_layers) for proj in PROJECTIONS]
+
+
+def _check_patterns(config: dict, base: BaseModelShape, where: str) -> None:
+    """Match each ``rank_pattern`` / ``alpha_pattern`` key against every module name once, within
+    a time bound, before :func:`pattern_value` applies them module by module."""
+    modules = _model_modules(base)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for k in config.get(key) or {}:
+            what = f"{CONFIG_NAME} {key} key {short(k, 60)}"
+            matching(pattern_key_regex(k, what, where), modules, False, what, where)
+
+
 def _check_target_modules(config: dict, base: BaseModelShape, where: str) -> None:
     """Refuse a ``target_modules`` naming something the served model does not have.
 
@@ -298,13 +312,10 @@ def _check_target_modules(config: dict, base: BaseModelShape, where: str) -> Non
     targets = config.get("target_modules")
     if targets is None or targets == "all-linear":
         return
-    modules = [module_name(layer, proj) for layer in range(base.num_layers) for proj in PROJECTIONS]
+    modules = _model_modules(base)
     if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise AdapterError(f"{where}: {CONFIG_NAME} target_modules is not a valid regex: {exc}") from None
-        if not any(pattern.fullmatch(m) for m in modules):
+        what = f"{CONFIG_NAME} target_modules"
+        if not any(matching(compile_regex(targets, what, where), modules, True, what, where)):
             raise AdapterError(f"{where}: {CONFIG_NAME} target_modules {short(targets)} matches no projection of "
                                f"the served model (model.layers.N.(self_attn|mlp).PROJ, PROJ one of "
                                f"{', '.join(PROJECTIONS)})")
@@ -356,6 +367,7 @@ def _validate(path: PathLike, base: BaseModelShape, max_rank: int, max_bytes: in
     tensors = read_header(weights, where, max_bytes)
     plan = _Plan(os.fspath(path), kind, config, weights, tensors)
     if kind == "lora":
+        _check_patterns(config, base, where)
         plan.lora = _plan_lora(tensors, config, base, max_rank, where)
         _check_target_modules(config, base, where)
     else:

@@ -5,7 +5,10 @@
 rest of the config for that kind. :func:`pattern_value` and :func:`lora_scale` apply PEFT's
 per-module ``rank_pattern`` / ``alpha_pattern`` rules and its LoRA scale, and
 :func:`base_model_warnings` notes an adapter trained on a differently named base model, and
-:func:`report_base_model` logs such notes once per adapter.
+:func:`report_base_model` logs such notes once per adapter. The file is parsed with
+`bounded_json.load_json` (nesting and integers bounded) and no string in it may be longer than
+:data:`MAX_CONFIG_STRING` characters: the registry stores the base model's name with the adapter,
+and a 15 MB one once made every Admin listing too large to send.
 
 Options the engine does not implement are refused by name rather than ignored, and so is any
 config key this module does not know whose value is set: a future PEFT feature that changes the
@@ -24,11 +27,17 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 from .adapter_errors import AdapterError, is_finite_number, is_int, short
+from .bounded_json import JSONLimitError, load_json
+from .module_regex import matching, pattern_key_regex
 
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "read_adapter_config",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_INT_DIGITS",
+    "JSONLimitError",
+    "load_json",
     "adapter_kind",
     "check_lora_config",
     "check_prompt_config",
@@ -46,8 +55,10 @@ log = logging.getLogger("loraplex.adapters")  # the adapter loader's log, where 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-_MAX_CONFIG_BYTES = 16 * 1024 * 1024
-
+_MAX_CONFIG_BYTES = 1024 * 1024  # real configs are about 1 KB; per-module rank patterns of a big model, ~60 KB
+# Characters in any one string of the config: a path to the base model (Linux's PATH_MAX is
+# 4096), a module regex, a prompt-tuning init text.
+MAX_CONFIG_STRING = 4096
 PathLike = Union[str, os.PathLike]
 
 
@@ -72,18 +83,39 @@ def read_adapter_config(path: PathLike) -> dict:
     if config_path.stat().st_size > _MAX_CONFIG_BYTES:
         raise AdapterError(f"adapter {path}: {CONFIG_NAME} is larger than {_MAX_CONFIG_BYTES} bytes")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = load_json(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(
             f"adapter {path}: {CONFIG_NAME} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except JSONLimitError as exc:
+        raise AdapterError(f"adapter {path}: {CONFIG_NAME} {exc}") from None
     except (UnicodeDecodeError, OSError) as exc:
         raise AdapterError(f"adapter {path}: cannot read {CONFIG_NAME}: {exc}") from None
     if not isinstance(config, dict):
         raise AdapterError(
             f"adapter {path}: {CONFIG_NAME} must hold a JSON object, found {type(config).__name__}"
         )
+    long = _long_string(config)
+    if long is not None:
+        where, size = long
+        raise AdapterError(f"adapter {path}: {CONFIG_NAME} {where} is a string of {size} characters; the limit is "
+                           f"{MAX_CONFIG_STRING}")
     return config
+
+
+def _long_string(value: Any, where: str = "") -> tuple[str, int] | None:
+    """(where, length) of the first string (a key or a value) over MAX_CONFIG_STRING inside `value`."""
+    if isinstance(value, str):
+        return (where or "a value", len(value)) if len(value) > MAX_CONFIG_STRING else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and len(key) > MAX_CONFIG_STRING:
+            return f"a key{' in ' + where if where else ''}", len(key)
+        found = _long_string(item, f"{where}[{key!r}]" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 _OTHER_PROMPT_LEARNING = frozenset(
@@ -204,11 +236,8 @@ def check_lora_config(config: dict, where: str) -> None:
         for k, v in pattern.items():
             ok = is_int(v) and v > 0 if key == "rank_pattern" else is_finite_number(v)
             if not ok:
-                raise AdapterError(f"{where}: {CONFIG_NAME} {key}[{k!r}] = {v!r} is not a valid value")
-            try:
-                re.compile(rf"(.*\.)?({k})$")
-            except re.error as exc:
-                raise AdapterError(f"{where}: {CONFIG_NAME} {key} key {k!r} is not a valid regex: {exc}") from None
+                raise AdapterError(f"{where}: {CONFIG_NAME} {key}[{short(k, 60)}] = {short(v)} is not a valid value")
+            pattern_key_regex(k, f"{CONFIG_NAME} {key} key {short(k, 60)}", where)
 
 
 def _check_init(init: Any, where: str) -> None:
@@ -243,7 +272,8 @@ def _lora_alpha(config: dict) -> Any:
 def pattern_value(pattern: dict, module: str, default: Any) -> Any:
     """PEFT's ``get_pattern_key`` rule: the first key k with ``(.*\\.)?(k)$`` matching wins."""
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
+        what = f"{CONFIG_NAME} pattern key {short(key, 60)}"
+        if matching(pattern_key_regex(key, what, module), [module], False, what, module)[0]:
             return pattern[key]
     return pattern.get(module, default)
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .adapter_errors import AdapterError, is_int, short
+from .bounded_json import JSONLimitError, load_json
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -47,6 +48,7 @@ __all__ = [
 MAX_HEADER_BYTES = 100_000_000
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 FLOAT_ITEMSIZE = {name: dtype.itemsize for name, dtype in FLOAT_DTYPES.items()}
+MAX_NDIM = 8  # adapter weights are matrices; torch itself stops at 64
 # Bytes read (or scaled) per piece of a paced load: a few milliseconds of work.
 READ_SLICE_BYTES = 1024**2
 
@@ -82,23 +84,16 @@ def read_header(weights: Path, where: str, max_bytes: int) -> dict[str, TensorIn
             if len(prefix) < 8:
                 raise AdapterError(f"{where}: {name} is {file_size} bytes, too short to be a safetensors file")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise AdapterError(
-                    f"{where}: {name} claims a {header_len}-byte header (limit {MAX_HEADER_BYTES}); "
-                    "the file is corrupt or not safetensors"
-                )
-            if 8 + header_len > file_size:
-                raise AdapterError(
-                    f"{where}: {name} claims a {header_len}-byte header but the file is only {file_size} bytes; "
-                    "the file is corrupt or truncated"
-                )
+            _check_header_length(header_len, file_size, f"{where}: {name}")
             raw = fh.read(header_len)
     except OSError as exc:
         raise AdapterError(f"{where}: cannot read {name}: {exc}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = load_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise AdapterError(f"{where}: {name} has a corrupt header (not valid JSON)") from None
+    except JSONLimitError as exc:
+        raise AdapterError(f"{where}: {name} has a corrupt header (its JSON {exc})") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{where}: {name} has a corrupt header (not a JSON object)")
 
@@ -114,27 +109,40 @@ def read_header(weights: Path, where: str, max_bytes: int) -> dict[str, TensorIn
     return tensors
 
 
+def _check_header_length(header_len: int, file_size: int, where: str) -> None:
+    """Refuse a header length over the limit or past the file's end, without echoing it: it is
+    just the file's first 8 bytes, whatever file was named (a secret's, say), read as a number."""
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > file_size:
+        raise AdapterError(
+            f"{where} does not start with a valid safetensors header length: the first 8 bytes must give "
+            f"the JSON header's size, at most {MAX_HEADER_BYTES} bytes and no more than the file holds (the "
+            f"file is only {file_size} bytes); the file is corrupt, truncated or not safetensors"
+        )
+
+
 def _parse_entry(key: str, entry: Any, where: str) -> TensorInfo:
     """One header entry as a :class:`TensorInfo`: floating dtype, valid shape, offsets that fit it."""
     if not isinstance(entry, dict):
-        raise AdapterError(f"{where}: header entry for tensor {key!r} is not an object")
+        raise AdapterError(f"{where}: header entry for tensor {short(key)} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in FLOAT_ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in FLOAT_ITEMSIZE:
         raise AdapterError(
-            f"{where}: tensor {key!r} has dtype {dtype!r}; adapter weights must be floating point "
+            f"{where}: tensor {short(key)} has dtype {short(dtype)}; adapter weights must be floating point "
             f"({', '.join(FLOAT_ITEMSIZE)})"
         )
-    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        raise AdapterError(f"{where}: tensor {key!r} has an invalid shape {short(shape)}")
+    if not isinstance(shape, list) or not all(is_int(d) and 0 <= d < 2**63 for d in shape):
+        raise AdapterError(f"{where}: tensor {short(key)} has an invalid shape {short(shape)}")
+    if len(shape) > MAX_NDIM:  # and so its element count stays a number a message can print
+        raise AdapterError(f"{where}: tensor {short(key)} has {len(shape)} dimensions, over {MAX_NDIM}")
     if not (
         isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) and o >= 0 for o in offsets)
     ) or offsets[1] < offsets[0]:
-        raise AdapterError(f"{where}: tensor {key!r} has invalid data_offsets {short(offsets)}")
+        raise AdapterError(f"{where}: tensor {short(key)} has invalid data_offsets {short(offsets)}")
     info = TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
     expected = info.numel * FLOAT_ITEMSIZE[dtype]
     if info.nbytes != expected:
         raise AdapterError(
-            f"{where}: tensor {key!r} ({dtype} {list(shape)}) needs {expected} bytes but its data_offsets "
+            f"{where}: tensor {short(key)} ({dtype} {list(shape)}) needs {expected} bytes but its data_offsets "
             f"span {info.nbytes}"
         )
     return info
@@ -148,7 +156,7 @@ def _check_layout(tensors: dict[str, TensorInfo], where: str, data_size: int, ma
     ordered = sorted(tensors.items(), key=lambda kv: (kv[1].begin, kv[1].end))
     for (prev_key, prev), (key, cur) in zip(ordered, ordered[1:]):
         if cur.begin < prev.end:
-            raise AdapterError(f"{where}: tensors {prev_key!r} and {key!r} overlap; the header is corrupt")
+            raise AdapterError(f"{where}: tensors {short(prev_key)} and {short(key)} overlap; the header is corrupt")
     promised = max((t.end for t in tensors.values()), default=0)
     if promised > data_size:
         raise AdapterError(
@@ -173,7 +181,7 @@ def read_tensors(
         buffer = _memory_of(data)
         got = _read_into(weights, buffer, pace)
         (header_len,) = struct.unpack_from("<Q", buffer, 0)
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+        header = load_json(bytes(buffer[8 : 8 + header_len]))
     except (OSError, ValueError, struct.error) as exc:  # vetted already: I/O, or changed underneath
         raise AdapterError(f"{where}: cannot read {weights.name}: {exc}") from None
     if got != size:
@@ -185,7 +193,7 @@ def read_tensors(
         if (not isinstance(entry, dict) or entry.get("dtype") != info.dtype
                 or tuple(entry.get("shape", ())) != info.shape or entry.get("data_offsets") != [info.begin, info.end]
                 or start + info.end > size):
-            raise AdapterError(f"{where}: {key!r} changed on disk while loading; try again")
+            raise AdapterError(f"{where}: {short(key)} changed on disk while loading; try again")
         dtype = FLOAT_DTYPES[info.dtype]
         raw = data[start + info.begin : start + info.end]
         if (start + info.begin) % FLOAT_ITEMSIZE[info.dtype]:

@@ -104,6 +104,7 @@ def test_a_store_written_by_the_previous_release_opens_migrated_and_serves_its_r
         assert again.ref == "sum@4"  # the v1 counter (sum@3 was deleted there) carries over
     assert v1.query("SELECT value FROM store_meta WHERE key = 'schema_version'") == [(str(LATEST),)]
     assert v1.query("SELECT COUNT(*) FROM journal") == [(0,)]
+    assert v1.query("SELECT COUNT(*) FROM idempotency_keys") == [(0,)]  # migration 3
     manifests = {p.stem for p in (v1.files / "manifests").glob("*/*.json")}
     assert manifests == {"sql@1", "sum@1", "sum@2", "tone@1", "sum@4"}  # written at the first open
 

@@ -77,7 +77,7 @@ TRAIN_LINE = ("loraplex {cmd}: peft, rouge-score, sacrebleu are not installed (t
 BENCH_LINE = ("loraplex bench: peft, matplotlib are not installed (the bench extra); "
               "install it with: scripts/install.sh bench")
 SERVE_LINE = ("loraplex {cmd}: torch, numpy, transformers, tokenizers, safetensors, gguf, sentencepiece, jinja2, "
-              "bitsandbytes, prometheus-client, grpcio-health-checking, grpcio-reflection, aiohttp, accelerate "
+              "bitsandbytes, prometheus-client, grpcio-health-checking, grpcio-reflection, aiohttp, regex, accelerate "
               "are not installed (the serve extra); install it with: scripts/install.sh serve")
 
 

@@ -71,7 +71,8 @@ def live_server(tmp_path_factory, long_tiny_model, tiny_adapters):
 
     root = tmp_path_factory.mktemp("deploy-server")
     with start_server(long_tiny_model, root / "store", root / "server.log", "--block-size", "4",
-                      "--max-total-tokens", "8192", "--max-loras", str(MAX_LORAS), threads=1, timeout=120) as server:
+                      "--max-total-tokens", "8192", "--max-loras", str(MAX_LORAS), threads=1, timeout=120,
+                      adapter_root=tmp_path_factory.getbasetemp()) as server:
         with Client(server.target, timeout=60) as client:
             for name, adapter in (("alpha", "attn4"), ("beta", "mlp8"), ("gamma", "rs2")):
                 client.register_adapter(name, str(tiny_adapters[adapter]))

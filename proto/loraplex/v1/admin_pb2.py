@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from loraplex.v1 import inference_pb2 as loraplex_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\x1a\x1bloraplex/v1/inference.proto\"\xe4\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.AdapterKind\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x32\n\x05ranks\x18\x06 \x03(\x0b\x32#.loraplex.v1.AdapterInfo.RanksEntry\x12\x1a\n\x12num_virtual_tokens\x18\x07 \x01(\r\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x10\n\x08resident\x18\n \x01(\x08\x12\x0e\n\x06pinned\x18\x0b \x01(\x08\x12\x10\n\x08warnings\x18\x0c \x03(\t\x12\x10\n\x08template\x18\r \x01(\t\x1a,\n\nRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"4\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"W\n\x14UploadAdapterRequest\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.FileChunkH\x00\x42\x06\n\x04part\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1a\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"B\n\x15\x44\x65leteAdapterResponse\x12)\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\".\n\x0b\x43\x61narySplit\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xa5\x02\n\x08\x45ndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0bsoft_prompt\x18\x03 \x01(\t\x12\x10\n\x08template\x18\x04 \x01(\t\x12\x16\n\x0esystem_message\x18\x05 \x01(\t\x12\x31\n\x08\x64\x65\x66\x61ults\x18\x06 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x1f\n\x12max_new_tokens_cap\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12(\n\x06\x63\x61nary\x18\x08 \x01(\x0b\x32\x18.loraplex.v1.CanarySplit\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x42\x15\n\x13_max_new_tokens_cap\"\x1b\n\x0b\x45ndpointRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14ListEndpointsRequest\"A\n\x15ListEndpointsResponse\x12(\n\tendpoints\x18\x01 \x03(\x0b\x32\x15.loraplex.v1.Endpoint\"\x07\n\x05\x45mpty\"\xfa\x01\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x10\n\x08quantize\x18\x03 \x01(\t\x12\x0f\n\x07kernels\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x06 \x01(\r\x12\x11\n\tmax_loras\x18\x07 \x01(\r\x12\x13\n\x0bmax_running\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x19\n\x11resident_adapters\x18\x0b \x03(\t\x12\x0f\n\x07version\x18\x0c \x01(\t*`\n\x0b\x41\x64\x61pterKind\x12\x1c\n\x18\x41\x44\x41PTER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_KIND_LORA\x10\x01\x12\x1c\n\x18\x41\x44\x41PTER_KIND_SOFT_PROMPT\x10\x02\x32\xa7\x07\n\x05\x41\x64min\x12P\n\x0fRegisterAdapter\x12#.loraplex.v1.RegisterAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12N\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo(\x01\x12?\n\nGetAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\x18.loraplex.v1.AdapterInfo\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12L\n\rDeleteAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\".loraplex.v1.DeleteAdapterResponse\x12?\n\nPinAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\x18.loraplex.v1.AdapterInfo\x12\x41\n\x0cUnpinAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\x18.loraplex.v1.AdapterInfo\x12>\n\x0e\x43reateEndpoint\x12\x15.loraplex.v1.Endpoint\x1a\x15.loraplex.v1.Endpoint\x12>\n\x0eUpdateEndpoint\x12\x15.loraplex.v1.Endpoint\x1a\x15.loraplex.v1.Endpoint\x12>\n\x0bGetEndpoint\x12\x18.loraplex.v1.EndpointRef\x1a\x15.loraplex.v1.Endpoint\x12V\n\rListEndpoints\x12!.loraplex.v1.ListEndpointsRequest\x1a\".loraplex.v1.ListEndpointsResponse\x12>\n\x0e\x44\x65leteEndpoint\x12\x18.loraplex.v1.EndpointRef\x1a\x12.loraplex.v1.Empty\x12<\n\rGetServerInfo\x12\x12.loraplex.v1.Empty\x1a\x17.loraplex.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\x1a\x1bloraplex/v1/inference.proto\"\xe4\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12&\n\x04kind\x18\x03 \x01(\x0e\x32\x18.loraplex.v1.AdapterKind\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x32\n\x05ranks\x18\x06 \x03(\x0b\x32#.loraplex.v1.AdapterInfo.RanksEntry\x12\x1a\n\x12num_virtual_tokens\x18\x07 \x01(\r\x12\x12\n\nbase_model\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x10\n\x08resident\x18\n \x01(\x08\x12\x0e\n\x06pinned\x18\x0b \x01(\x08\x12\x10\n\x08warnings\x18\x0c \x03(\t\x12\x10\n\x08template\x18\r \x01(\t\x1a,\n\nRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"M\n\x16RegisterAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"p\n\x14UploadAdapterRequest\x12\x0e\n\x04name\x18\x01 \x01(\tH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.FileChunkH\x00\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\tB\x06\n\x04part\"\'\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1a\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"B\n\x15\x44\x65leteAdapterResponse\x12)\n\x07\x64\x65leted\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\".\n\x0b\x43\x61narySplit\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\xa5\x02\n\x08\x45ndpoint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0bsoft_prompt\x18\x03 \x01(\t\x12\x10\n\x08template\x18\x04 \x01(\t\x12\x16\n\x0esystem_message\x18\x05 \x01(\t\x12\x31\n\x08\x64\x65\x66\x61ults\x18\x06 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParameters\x12\x1f\n\x12max_new_tokens_cap\x18\x07 \x01(\x05H\x00\x88\x01\x01\x12(\n\x06\x63\x61nary\x18\x08 \x01(\x0b\x32\x18.loraplex.v1.CanarySplit\x12\x12\n\ncreated_at\x18\t \x01(\x01\x12\x12\n\nupdated_at\x18\n \x01(\x01\x42\x15\n\x13_max_new_tokens_cap\"\x1b\n\x0b\x45ndpointRef\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14ListEndpointsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"Z\n\x15ListEndpointsResponse\x12(\n\tendpoints\x18\x01 \x03(\x0b\x32\x15.loraplex.v1.Endpoint\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x07\n\x05\x45mpty\"\xfa\x01\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x10\n\x08quantize\x18\x03 \x01(\t\x12\x0f\n\x07kernels\x18\x04 \x01(\t\x12\x15\n\rmax_model_len\x18\x05 \x01(\r\x12\x15\n\rmax_lora_rank\x18\x06 \x01(\r\x12\x11\n\tmax_loras\x18\x07 \x01(\r\x12\x13\n\x0bmax_running\x18\x08 \x01(\r\x12\x11\n\tmax_queue\x18\t \x01(\r\x12\x16\n\x0emax_new_tokens\x18\n \x01(\r\x12\x19\n\x11resident_adapters\x18\x0b \x03(\t\x12\x0f\n\x07version\x18\x0c \x01(\t*`\n\x0b\x41\x64\x61pterKind\x12\x1c\n\x18\x41\x44\x41PTER_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x44\x41PTER_KIND_LORA\x10\x01\x12\x1c\n\x18\x41\x44\x41PTER_KIND_SOFT_PROMPT\x10\x02\x32\xa7\x07\n\x05\x41\x64min\x12P\n\x0fRegisterAdapter\x12#.loraplex.v1.RegisterAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12N\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo(\x01\x12?\n\nGetAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\x18.loraplex.v1.AdapterInfo\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12L\n\rDeleteAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\".loraplex.v1.DeleteAdapterResponse\x12?\n\nPinAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\x18.loraplex.v1.AdapterInfo\x12\x41\n\x0cUnpinAdapter\x12\x17.loraplex.v1.AdapterRef\x1a\x18.loraplex.v1.AdapterInfo\x12>\n\x0e\x43reateEndpoint\x12\x15.loraplex.v1.Endpoint\x1a\x15.loraplex.v1.Endpoint\x12>\n\x0eUpdateEndpoint\x12\x15.loraplex.v1.Endpoint\x1a\x15.loraplex.v1.Endpoint\x12>\n\x0bGetEndpoint\x12\x18.loraplex.v1.EndpointRef\x1a\x15.loraplex.v1.Endpoint\x12V\n\rListEndpoints\x12!.loraplex.v1.ListEndpointsRequest\x1a\".loraplex.v1.ListEndpointsResponse\x12>\n\x0e\x44\x65leteEndpoint\x12\x18.loraplex.v1.EndpointRef\x1a\x12.loraplex.v1.Empty\x12<\n\rGetServerInfo\x12\x12.loraplex.v1.Empty\x1a\x17.loraplex.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ADAPTERINFO_RANKSENTRY']._loaded_options = None
   _globals['_ADAPTERINFO_RANKSENTRY']._serialized_options = b'8\001'
-  _globals['_ADAPTERKIND']._serialized_start=1525
-  _globals['_ADAPTERKIND']._serialized_end=1621
+  _globals['_ADAPTERKIND']._serialized_start=1703
+  _globals['_ADAPTERKIND']._serialized_end=1799
   _globals['_ADAPTERINFO']._serialized_start=70
   _globals['_ADAPTERINFO']._serialized_end=426
   _globals['_ADAPTERINFO_RANKSENTRY']._serialized_start=382
   _globals['_ADAPTERINFO_RANKSENTRY']._serialized_end=426
   _globals['_REGISTERADAPTERREQUEST']._serialized_start=428
-  _globals['_REGISTERADAPTERREQUEST']._serialized_end=480
-  _globals['_UPLOADADAPTERREQUEST']._serialized_start=482
-  _globals['_UPLOADADAPTERREQUEST']._serialized_end=569
-  _globals['_FILECHUNK']._serialized_start=571
-  _globals['_FILECHUNK']._serialized_end=610
-  _globals['_ADAPTERREF']._serialized_start=612
-  _globals['_ADAPTERREF']._serialized_end=638
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=640
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=661
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=663
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=729
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=731
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=797
-  _globals['_CANARYSPLIT']._serialized_start=799
-  _globals['_CANARYSPLIT']._serialized_end=845
-  _globals['_ENDPOINT']._serialized_start=848
-  _globals['_ENDPOINT']._serialized_end=1141
-  _globals['_ENDPOINTREF']._serialized_start=1143
-  _globals['_ENDPOINTREF']._serialized_end=1170
-  _globals['_LISTENDPOINTSREQUEST']._serialized_start=1172
-  _globals['_LISTENDPOINTSREQUEST']._serialized_end=1194
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=1196
-  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=1261
-  _globals['_EMPTY']._serialized_start=1263
-  _globals['_EMPTY']._serialized_end=1270
-  _globals['_SERVERINFO']._serialized_start=1273
-  _globals['_SERVERINFO']._serialized_end=1523
-  _globals['_ADMIN']._serialized_start=1624
-  _globals['_ADMIN']._serialized_end=2559
+  _globals['_REGISTERADAPTERREQUEST']._serialized_end=505
+  _globals['_UPLOADADAPTERREQUEST']._serialized_start=507
+  _globals['_UPLOADADAPTERREQUEST']._serialized_end=619
+  _globals['_FILECHUNK']._serialized_start=621
+  _globals['_FILECHUNK']._serialized_end=660
+  _globals['_ADAPTERREF']._serialized_start=662
+  _globals['_ADAPTERREF']._serialized_end=688
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=690
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=750
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=752
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=843
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=845
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=911
+  _globals['_CANARYSPLIT']._serialized_start=913
+  _globals['_CANARYSPLIT']._serialized_end=959
+  _globals['_ENDPOINT']._serialized_start=962
+  _globals['_ENDPOINT']._serialized_end=1255
+  _globals['_ENDPOINTREF']._serialized_start=1257
+  _globals['_ENDPOINTREF']._serialized_end=1284
+  _globals['_LISTENDPOINTSREQUEST']._serialized_start=1286
+  _globals['_LISTENDPOINTSREQUEST']._serialized_end=1347
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_start=1349
+  _globals['_LISTENDPOINTSRESPONSE']._serialized_end=1439
+  _globals['_EMPTY']._serialized_start=1441
+  _globals['_EMPTY']._serialized_end=1448
+  _globals['_SERVERINFO']._serialized_start=1451
+  _globals['_SERVERINFO']._serialized_end=1701
+  _globals['_ADMIN']._serialized_start=1802
+  _globals['_ADMIN']._serialized_end=2737
 # @@protoc_insertion_point(module_scope)

@@ -174,8 +174,10 @@ def small_server(module_server_factory, long_model):
     return module_server_factory("--max-queue", "1", "--max-running", "2", name="small", model=long_model)
 
 
-def _cancelled(api, server) -> float:
-    return api.metric(api.scrape(server), "loraplex_requests_total", status="cancelled")
+def _cancelled(api, server, how: str = "cancel") -> float:
+    """Requests that ended early: by the client's cancel, or by their deadline passing."""
+    status = "deadline_exceeded" if how == "deadline" else "cancelled"
+    return api.metric(api.scrape(server), "loraplex_requests_total", status=status)
 
 
 async def _start_two_long(client: AsyncClient, max_new_tokens: int, ended_at: list[float]) -> list[asyncio.Task]:
@@ -269,10 +271,10 @@ def _long_then_stop(server, how: str):
 
 @pytest.mark.parametrize("how", ["deadline", "cancel"])
 def test_deadline_or_cancel_frees_the_request(small_server, api, how):
-    before = _cancelled(api, small_server)
+    before = _cancelled(api, small_server, how)
     _long_then_stop(small_server, how)
     # the server counted it as cancelled (and asked the engine to drop it, just before)
-    api.wait_until(lambda: _cancelled(api, small_server) == before + 1, what="the request counted as cancelled")
+    api.wait_until(lambda: _cancelled(api, small_server, how) == before + 1, what="the request counted as ended early")
     with Client(small_server.target, timeout=60) as client:
         later = client.generate("hello world", max_new_tokens=4, ignore_eos=True)
     assert later.completion_tokens == 4 and later.finish_reason == "length"
@@ -288,9 +290,10 @@ def test_deadline_or_cancel_frees_the_request(small_server, api, how):
 def test_gauges_drop_after_a_cancel_without_later_traffic(small_server, api):
     """A regression test: the gauges were refreshed only after engine steps, so with no later
     traffic they kept reporting the cancelled request as running and its KV blocks as used."""
-    before = _cancelled(api, small_server)
+    before = _cancelled(api, small_server, "deadline")
     _long_then_stop(small_server, "deadline")
-    api.wait_until(lambda: _cancelled(api, small_server) == before + 1, what="the request counted as cancelled")
+    api.wait_until(lambda: _cancelled(api, small_server, "deadline") == before + 1,
+                   what="the request counted as deadline_exceeded")
     api.wait_until(lambda: api.metric(api.scrape(small_server), "loraplex_running_requests") == 0, timeout=3,
                    what="loraplex_running_requests back to 0")
     assert api.metric(api.scrape(small_server), "loraplex_kv_cache_usage_ratio") == 0

@@ -682,3 +682,26 @@ def test_target_modules_of_the_wrong_type_are_refused(plain_lora, tmp_path):
     path = copy_adapter(plain_lora[0], tmp_path)
     edit_config(path, target_modules={"q_proj": True})
     refused(path, "target_modules must be a string or a list of strings")
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    # exponential backtracking against a 31-character module name, even for `regex`
+    ("target_modules", "(\\w|\\w\\w|.)*\\d\\d\\d\\d", "takes over 1.0 s to match"),
+    ("rank_pattern", {"(\\w|\\w\\w|.)*\\d\\d\\d\\d": 4}, "takes over 1.0 s to match"),
+    ("alpha_pattern", {"(\\w|\\w\\w|.)*\\d\\d\\d\\d": 4}, "takes over 1.0 s to match"),
+    # re.compile raised OverflowError and RecursionError on these, not re.error
+    ("target_modules", "a{99999999999}", "not a valid regex"),
+    ("target_modules", "(" * 2000 + ")" * 2000, "nests or repeats too deeply"),
+    ("rank_pattern", {"(" * 2000 + ")" * 2000: 4}, "nests or repeats too deeply"),
+])
+def test_hostile_module_regexes_are_refused_in_bounded_time(plain_lora, tmp_path, field, value, fragment):
+    path = copy_adapter(plain_lora[0], tmp_path)
+    edit_config(path, **{field: value})
+    refused(path, field, fragment)  # with `re`, the first three never returned
+
+
+def test_a_pattern_re_backtracks_on_for_minutes_is_matched_at_once(plain_lora, tmp_path):
+    """`re` spends minutes in C on ``(.|.)*z`` against one module name; `regex` answers at once."""
+    path = copy_adapter(plain_lora[0], tmp_path)
+    edit_config(path, rank_pattern={"(.|.)*z": 4})  # matches no module: every rank stays r
+    assert inspect_adapter(path, BASE, 64)["kind"] == "lora"
