@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, inference_pb2, inference_pb2_grpc
 
-from .options import GenerateOptions, generate_call
+from .options import GenerateOptions, generate_call, set_input
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -197,6 +197,19 @@ def finish_reason(value: int) -> str:
     return FINISH_REASONS.get(value, "")
 
 
+@dataclass
+class Scored:
+    """A continuation's teacher-forced log-probabilities (`Client.score`)."""
+
+    tokens: list[dict]  # per continuation token {"token_id", "token", "logprob", "top_logprobs"}
+    total_logprob: float  # log p(continuation | prompt)
+    prompt_tokens: int  # the prompt's and the continuation's
+    request_id: str
+    endpoint: str = ""
+    adapter: str = ""  # served "name@version", "" for none
+    soft_prompt: str = ""
+
+
 def token_logprobs(values: Sequence[inference_pb2.TokenLogprob]) -> list[dict]:
     return [to_dict(v) for v in values]
 
@@ -304,6 +317,20 @@ class Client:
         """
         call = generate_call(prompt, options)
         return self._stream(call.request, call.timeout)
+
+    def score(self, prompt: str | None = None, continuation: str = "", *, messages: list[dict] | None = None,
+              endpoint: str = "", adapter: str = "", soft_prompt: str = "", top_logprobs: int = 0,
+              timeout: float | None = None) -> Scored:
+        """The log-probability of each token of `continuation` after `prompt` (or `messages`),
+        teacher-forced, under the endpoint, adapter and/or soft prompt (or the base model)."""
+        request = inference_pb2.ScoreRequest(endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt,
+                                             continuation=continuation, top_logprobs=top_logprobs)
+        set_input(request, prompt, messages)
+        response = self._call(self._inference.Score, request, self._inference_md, timeout)
+        return Scored(tokens=token_logprobs(response.tokens), total_logprob=response.total_logprob,
+                      prompt_tokens=response.usage.prompt_tokens, request_id=response.request_id,
+                      endpoint=response.served_by.endpoint, adapter=response.served_by.adapter,
+                      soft_prompt=response.served_by.soft_prompt)
 
     def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None) -> Iterator[StreamEvent]:
         call = self._inference.GenerateStream(request, metadata=self._inference_md, timeout=self._timeout(timeout))

@@ -109,7 +109,7 @@ def generate_call(prompt: str | None, options: GenerateOptions) -> GenerateCall:
     return GenerateCall(request, options.get("timeout"))
 
 
-def set_input(request: inference_pb2.GenerateRequest, prompt: str | None,
+def set_input(request: inference_pb2.GenerateRequest | inference_pb2.ScoreRequest, prompt: str | None,
               messages: Sequence[Mapping[str, str]] | None) -> None:
     """The request's input: the prompt or the chat turns, exactly one of them."""
     if prompt is not None and messages is None:

@@ -47,6 +47,9 @@ class GenerateCall:
     # when the client stops waiting, in time.monotonic() terms (gRPC's deadline); None: never.
     # An end past it is counted as deadline_exceeded, not as the client's cancel (generation.py)
     deadline: float | None = None
+    # score the prompt's tokens from this index on instead of generating (scoring.py)
+    score_from: int | None = None
+    continuation: str | None = None  # or score this text after the prompt (loraplex.v1 Score)
 
 
 @dataclass
@@ -95,7 +98,8 @@ def resolve(call: GenerateCall, store: AdapterStore, defaults: ServerDefaults, r
     params = _params(sampling, defaults, cap)
     request = Request(prompt=prompt, messages=messages, adapter=adapter or None, soft_prompt=soft or None,
                       params=params, request_id=call.request_id or uuid.uuid4().hex,
-                      fit_max_new_tokens="max_new_tokens" not in sampling)
+                      fit_max_new_tokens="max_new_tokens" not in sampling, score_from=call.score_from,
+                      continuation=call.continuation)
     return Resolved(request, call.endpoint, adapter, soft)
 
 

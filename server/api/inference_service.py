@@ -1,4 +1,4 @@
-"""The `loraplex.v1.Inference` gRPC service: Generate and GenerateStream."""
+"""The `loraplex.v1.Inference` gRPC service: Generate, GenerateStream and Score."""
 from __future__ import annotations
 
 import time
@@ -33,6 +33,19 @@ def call_from_proto(req: pb.GenerateRequest, deadline: float | None = None) -> G
         prompt=req.prompt if which == "prompt" else None,
         messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
         sampling=sampling, request_id=req.request_id, deadline=deadline,
+    )
+
+
+def score_call_from_proto(req: pb.ScoreRequest, deadline: float | None = None) -> GenerateCall:
+    """A Score request as a call that scores `continuation` after the prompt or chat."""
+    which = req.WhichOneof("input")
+    top = req.top_logprobs
+    return GenerateCall(
+        endpoint=req.endpoint, adapter=req.adapter, soft_prompt=req.soft_prompt,
+        prompt=req.prompt if which == "prompt" else None,
+        messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
+        sampling={"logprobs": True, "top_logprobs": top} if top else {}, request_id=req.request_id,
+        deadline=deadline, continuation=req.continuation,
     )
 
 
@@ -92,11 +105,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                                     completion_tokens=sum(tokens.values())),
                                      finish_reasons=ordered if len(ordered) > 1 else []))
 
-    async def _run(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
+        tokens: list[TokenLogprob] = []
+        last = resolved = None
+        async for resolved, out in self._run(score_call_from_proto(request, call_deadline(context)), context):
+            tokens += out.prompt_logprobs
+            last = out
+        return pb.ScoreResponse(request_id=last.request_id, tokens=self._logprobs(tokens),
+                                total_logprob=sum(lp.logprob for lp in tokens),
+                                usage=pb.Usage(prompt_tokens=last.prompt_tokens), served_by=_served_by(resolved))
+
+    async def _run(self, request: pb.GenerateRequest | GenerateCall, context: grpc.aio.ServicerContext
                    ) -> AsyncIterator[tuple[Resolved, RequestOutput]]:
         """The request's outputs; a refusal or failure aborts the call with its status code."""
+        call = request if isinstance(request, GenerateCall) else call_from_proto(request, call_deadline(context))
         try:
-            async with aclosing(generate(self.state, call_from_proto(request, call_deadline(context)))) as outputs:
+            async with aclosing(generate(self.state, call)) as outputs:
                 async for item in outputs:
                     yield item
         except ApiError as exc:

@@ -146,9 +146,14 @@ def parse_completion(body: dict) -> OpenAIRequest:
             raise _bad("logprobs", f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}")
         sampling.update(logprobs=True, top_logprobs=logprobs)
     echo = bool(_bool(body, "echo"))
-    if echo and logprobs is not None:
-        raise _bad("echo", "'echo' together with 'logprobs' is not supported (no prompt logprobs)")
-    call = GenerateCall(prompt=prompt, sampling=sampling)
+    scoring = echo and logprobs is not None and sampling["max_new_tokens"] == 0
+    if echo and logprobs is not None and not scoring:
+        raise _bad("echo", "'echo' with 'logprobs' scores the prompt: it needs 'max_tokens' 0 (nothing generated)")
+    if scoring and stream:
+        raise _bad("stream", "scoring a prompt ('echo', 'logprobs', 'max_tokens' 0) is not streamed")
+    if scoring:
+        sampling["max_new_tokens"] = None
+    call = GenerateCall(prompt=prompt, sampling=sampling, score_from=1 if scoring else None)
     return OpenAIRequest(model, call, chat=False, stream=stream, include_usage=include_usage,
                          echo=prompt if echo else "")
 
@@ -216,6 +221,8 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    scored: list[TokenLogprob] = field(default_factory=list)  # a scored prompt's tokens after the first
+    context_ids: list[int] = field(default_factory=list)  # and its first
 
 
 class Choices:
@@ -237,6 +244,8 @@ class Choices:
         choice = self.by_index.setdefault(out.index, Choice(out.index))
         choice.text += out.text
         choice.logprobs += out.logprobs
+        choice.scored += out.prompt_logprobs
+        choice.context_ids += out.context_ids
         choice.completion_tokens = out.completion_tokens
         if out.finish_reason is not None:
             choice.finish_reason = FINISH.get(out.finish_reason, out.finish_reason)
@@ -256,8 +265,9 @@ class Choices:
                 choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
                                 "logprobs": self._logprobs(c.logprobs, 0), "finish_reason": c.finish_reason})
             else:
-                choices.append({"index": i, "text": self.request.echo + c.text,
-                                "logprobs": self._logprobs(c.logprobs, 0), "finish_reason": c.finish_reason})
+                lp = self._scored(c) if self.request.call.score_from else self._logprobs(c.logprobs, 0)
+                choices.append({"index": i, "text": self.request.echo + c.text, "logprobs": lp,
+                                "finish_reason": c.finish_reason})
         return {"id": self.id, "object": "chat.completion" if self.request.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": choices, "usage": self.usage(),
                 "system_fingerprint": None}
@@ -288,6 +298,16 @@ class Choices:
         return {"id": self.id, "object": "chat.completion.chunk" if self.request.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [], "usage": self.usage(),
                 "system_fingerprint": None}
+
+    def _scored(self, c: Choice) -> dict:
+        """A scored prompt as OpenAI's echo shows it: every prompt token, the first without a
+        log-probability (nothing predicts it)."""
+        shown = self._logprobs([TokenLogprob(t, 0.0) for t in c.context_ids] + c.scored, -len(self.request.echo))
+        for i in range(len(c.context_ids)):
+            shown["token_logprobs"][i] = None
+            if shown["top_logprobs"] is not None:
+                shown["top_logprobs"][i] = None
+        return shown
 
     def _logprobs(self, logprobs: list[TokenLogprob], offset: int) -> dict | None:
         if not self.logprobs:

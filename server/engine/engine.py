@@ -48,6 +48,7 @@ from .model_runner import ModelRunner
 from .quantize import prepack_supported
 from .sampler import Sampler, TokenLogprob, token_logprobs
 from .scheduler import Scheduler
+from .scoring import record, scores_of
 from .sequence import Chunk, Request, RequestOutput, Sequence, Status
 from .workload import Completion, Workload
 
@@ -293,7 +294,7 @@ class Engine:
         if not chunks:
             return outputs, not outputs
         logits, seqs, failures = self._forward(chunks)
-        outputs += failures
+        outputs += failures + self._scored(chunks)
         if not seqs:  # every chunk stopped short of its sequence's end: nothing to sample
             return outputs, False
         tokens = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -317,6 +318,18 @@ class Engine:
             logits, seqs = logits[rows], [seqs[i] for i in rows]
         self.scheduler.computed(chunks)
         return logits, seqs, failures
+
+    def _scored(self, chunks: list[Chunk]) -> list[RequestOutput]:
+        """Keep the scoring chunks' log-probabilities; finish each scoring sequence now computed."""
+        live = [c for c in chunks if c.seq.score_from is not None and c.seq.status is not Status.FINISHED]
+        for span in self.runner.scored if live else []:
+            record(span)
+        done = [c.seq for c in live if c.end == c.seq.num_tokens]
+        for seq in done:
+            self.scheduler.finish(seq)
+            self._retire(seq)
+        return [RequestOutput(s.request_id, finished=True, finish_reason="length", prompt_tokens=len(s.prompt_ids),
+                              prompt_logprobs=scores_of(s), context_ids=s.prompt_ids[:s.score_from]) for s in done]
 
     def _fail_non_finite(self, failing: list[Sequence]) -> list[RequestOutput]:
         """Fail each sequence whose values went non-finite in this step, alone (INTERNAL), and

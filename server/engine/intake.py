@@ -76,6 +76,16 @@ def _check_unicode(text: str, what: str) -> None:
                            f"(U+{ord(text[exc.start]):04X}); send text, not half of a UTF-16 pair") from None
 
 
+def _check_scoring(request: Request, num_prompt: int) -> None:
+    """A scoring request scores at least one token after at least one of context."""
+    start = request.score_from
+    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < num_prompt:
+        raise RequestError(f"score_from must be an index in [1, {num_prompt - 1}] of the prompt's {num_prompt} "
+                           f"tokens (the first token scored; at least one comes before it), got {start!r}")
+    if request.params.n != 1:
+        raise RequestError(f"a scoring request scores one continuation; n must be 1, got {request.params.n}")
+
+
 class Intake:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, slots: AdapterSlots, blocks: BlockManager,
                  prefix_caching: bool) -> None:
@@ -124,6 +134,9 @@ class Intake:
             if name is not None:
                 self.slots.check_servable(name)  # AdapterQuarantined: FAILED_PRECONDITION
         virtual = 0 if soft is None else soft.shape[0]
+        if request.score_from is not None:
+            _check_scoring(request, len(prompt_ids))
+            request.params = dataclasses.replace(request.params, max_new_tokens=1)  # none is generated
         room = self.max_model_len - virtual - len(prompt_ids)
         if request.fit_max_new_tokens and 1 <= room < request.params.max_new_tokens:
             request.params = dataclasses.replace(request.params, max_new_tokens=room)
@@ -142,9 +155,12 @@ class Intake:
         seq = Sequence(request_id, prompt_ids, request.params, request.adapter, soft,
                        make_generator(request.params.seed), detok)
         seq.soft_prompt_name = request.soft_prompt
+        seq.score_from = request.score_from
         if self.prefix_caching:
             key = self.slots.cache_key(request.adapter) + "|" + self.slots.cache_key(request.soft_prompt)
             full = (seq.num_prompt_positions - 1) // self.blocks.block_size  # the last position is computed
+            if seq.score_from is not None:  # cached positions give no logits: none from the first scored
+                full = min(full, (virtual + seq.score_from - 1) // self.blocks.block_size)
             seq.prefix_hashes = prefix_hashes(seq.chunk_ids(0, seq.num_prompt_positions), self.blocks.block_size,
                                               full, key)
         return seq
@@ -153,9 +169,23 @@ class Intake:
         """The request with its prompt or chat turned into token ids. Safe to call from another
         thread (it reads only the tokenizer and a soft prompt's size), so fronts tokenize off the
         engine's thread."""
+        if request.continuation is not None:
+            return self._with_continuation(request)
         if request.prompt_token_ids is not None:
             return request
         return dataclasses.replace(request, prompt=None, messages=None, prompt_token_ids=self.prompt_ids(request))
+
+    def _with_continuation(self, request: Request) -> Request:
+        """A scoring request: the prompt's ids, then the continuation's, scored from the first of them."""
+        if request.score_from is not None or not isinstance(request.continuation, str):
+            raise RequestError("give a continuation (a string) or score_from, not both")
+        ids = self.prompt_ids(request)
+        budget = PromptBudget(self.max_model_len - len(ids), self._virtual_tokens(request.soft_prompt))
+        more = self._bounded_ids(request.continuation, budget, "the continuation", add_special_tokens=False)
+        if not more:
+            raise RequestError("the continuation is empty: nothing to score")
+        return dataclasses.replace(request, prompt=None, messages=None, continuation=None,
+                                   prompt_token_ids=ids + more, score_from=len(ids))
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The request's prompt as token ids: a text prompt through `tokenizer(text)`, a chat through

@@ -22,6 +22,7 @@ from .block_manager import BlockManager
 from .lora_batch import LoraBatch
 from .merger import Merger
 from .model import CausalLM, ForwardBatch
+from .scoring import ScoredSpan, scored_positions, split_rows
 from .sequence import Chunk, Sequence
 
 
@@ -36,6 +37,7 @@ class ModelRunner:
         self.device = device
         self.merger = merger  # what is merged: it plans how each batch uses the merged copies
         self.non_finite: list[Sequence] = []  # sequences with a non-finite row in the last `run`
+        self.scored: list[ScoredSpan] = []  # the scoring chunks' logits of the last `run`
         spec = model.spec
         # every layer's keys and values in one tensor, so fresh blocks are zeroed in one op; one
         # block more than the manager hands out: the pad block, zeros for good
@@ -46,7 +48,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[Sequence]]:
         """-> (logits [S, vocab] float32 at the last position of each chunk that samples, those S
-        sequences in the order of the rows: sorted by adapter slot)."""
+        sequences in the order of the rows: sorted by adapter slot). A scoring chunk's logits go
+        to `self.scored` instead (scoring.py)."""
         ordered = sorted(chunks, key=lambda c: c.seq.slot)
         if all(c.is_decode for c in ordered) and not all(c.start == 0 for c in ordered):
             batch = self._decode_batch([c.seq for c in ordered])
@@ -55,6 +58,7 @@ class ModelRunner:
         self._zero_fresh_blocks()
         logits, finite = self.model(batch, self.kv_cache)
         self.non_finite = [] if bool(finite.all()) else self._failing(ordered, finite)
+        logits, self.scored = split_rows(ordered, logits)
         return logits, [c.seq for c in ordered if c.samples]
 
     @torch.inference_mode()
@@ -102,6 +106,8 @@ class ModelRunner:
                 soft_vectors.append(seq.soft_prompt[c.start:c.start + virtual])
             if all_logits:
                 logit_rows += range(row, row + c.length)
+            elif scored_positions(c):
+                logit_rows += (row + p - c.start for p in scored_positions(c))
             elif c.samples:
                 logit_rows.append(row + c.length - 1)
             row += c.length

@@ -25,6 +25,12 @@ class Request:
     request_id: str | None = None
     # max_new_tokens came from a server default, not from the caller: shorten it to fit the context
     fit_max_new_tokens: bool = False
+    # score, do not generate: the log-probability of each prompt token from this index on (the
+    # continuation), teacher-forced (scoring.py); params.top_logprobs alternatives come with each
+    score_from: int | None = None
+    # or score this text after the prompt: tokenized on its own (no special tokens), appended to
+    # the prompt's tokens, and scored from there (Intake.encode sets score_from)
+    continuation: str | None = None
 
 
 @dataclass
@@ -46,6 +52,8 @@ class RequestOutput:
     completion_tokens: int = 0  # of this completion so far
     index: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # a scoring request's continuation
+    context_ids: list[int] = field(default_factory=list)  # a scoring request's tokens before it
 
 
 class Status(enum.Enum):
@@ -89,6 +97,8 @@ class Sequence:
         self.sent_text = 0  # characters of final text already returned
         self.sent_ids = 0  # token ids already returned
         self.leader: Sequence | None = None  # for completions 1..n-1: completion 0, whose prompt KV they share
+        self.score_from: int | None = None  # a scoring sequence: see Request.score_from
+        self.scores: dict[int, TokenLogprob] = {}  # position -> log-probability of the next token
         self.prefix_hashes: list[bytes] = []  # of its full prompt blocks before the last position (prefix cache)
 
     @property
@@ -132,7 +142,8 @@ class Sequence:
 class Chunk:
     """Positions [start, start + length) of `seq` computed in one step. A chunk that reaches the
     sequence's last known position (when it is made) `samples`: it yields logits and a token; a
-    shorter one only fills the KV cache. A decode is a chunk of one position, the last."""
+    shorter one only fills the KV cache. A scoring sequence never samples (scoring.py). A decode
+    is a chunk of one position, the last."""
 
     seq: Sequence
     start: int
@@ -140,7 +151,7 @@ class Chunk:
     samples: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.samples = self.end == self.seq.num_tokens
+        self.samples = self.end == self.seq.num_tokens and self.seq.score_from is None
 
     @property
     def end(self) -> int:

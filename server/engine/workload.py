@@ -25,6 +25,7 @@ class Completion:
     prompt_tokens: int = 0
     index: int = 0  # which of the request's n completions
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # a scoring request's continuation
 
 
 class Workload:
@@ -53,6 +54,7 @@ class Workload:
         completion.text += out.text
         completion.token_ids += out.token_ids
         completion.logprobs += out.logprobs
+        completion.prompt_logprobs += out.prompt_logprobs
         if out.error is not None:  # the whole request failed
             for c in completions:
                 c.finish_reason, c.error = out.finish_reason, out.error

@@ -44,6 +44,11 @@ class InferenceStub:
                 request_serializer=loraplex_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/loraplex.v1.Inference/Score',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -61,6 +66,12 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +84,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateStream,
                     request_deserializer=loraplex_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_inference__pb2.GenerateStreamResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.ScoreRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +145,33 @@ class Inference:
             '/loraplex.v1.Inference/GenerateStream',
             loraplex_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             loraplex_dot_v1_dot_inference__pb2.GenerateStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Inference/Score',
+            loraplex_dot_v1_dot_inference__pb2.ScoreRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
