@@ -16,12 +16,15 @@ from .client import (
     REGISTRATION_RETRY_WAITS,
     Completion,
     LoraplexError,
+    Scored,
     StreamEvent,
     auth_metadata,
     channel_credentials,
     completion,
     endpoint_message,
     new_key,
+    score_request,
+    scored,
     stream_event,
     to_dict,
     upload_requests,
@@ -78,6 +81,13 @@ class AsyncClient:
         """`Client.generate` on asyncio; the options are `GenerateOptions`'."""
         call = generate_call(prompt, options)
         return completion(await self._call(self._inference.Generate, call.request, self._inference_md, call.timeout))
+
+    async def score(self, prompt: str | None = None, continuation: str = "", *, messages: list[dict] | None = None,
+                    endpoint: str = "", adapter: str = "", soft_prompt: str = "", top_logprobs: int = 0,
+                    timeout: float | None = None) -> Scored:
+        """`Client.score` on asyncio."""
+        request = score_request(prompt, continuation, messages, endpoint, adapter, soft_prompt, top_logprobs)
+        return scored(await self._call(self._inference.Score, request, self._inference_md, timeout))
 
     def stream(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> AsyncIterator[StreamEvent]:
         """`async for event in client.stream(...)`: deltas, then one final event; the options are

@@ -214,6 +214,21 @@ def token_logprobs(values: Sequence[inference_pb2.TokenLogprob]) -> list[dict]:
     return [to_dict(v) for v in values]
 
 
+def score_request(prompt: str | None, continuation: str, messages: list[dict] | None, endpoint: str, adapter: str,
+                  soft_prompt: str, top_logprobs: int) -> inference_pb2.ScoreRequest:
+    request = inference_pb2.ScoreRequest(endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt,
+                                         continuation=continuation, top_logprobs=top_logprobs)
+    set_input(request, prompt, messages)
+    return request
+
+
+def scored(response: inference_pb2.ScoreResponse) -> Scored:
+    return Scored(tokens=token_logprobs(response.tokens), total_logprob=response.total_logprob,
+                  prompt_tokens=response.usage.prompt_tokens, request_id=response.request_id,
+                  endpoint=response.served_by.endpoint, adapter=response.served_by.adapter,
+                  soft_prompt=response.served_by.soft_prompt)
+
+
 def completion(response: inference_pb2.GenerateResponse) -> Completion:
     choices = [dict(to_dict(c), finish_reason=finish_reason(c.finish_reason)) for c in response.choices]
     return Completion(
@@ -323,14 +338,8 @@ class Client:
               timeout: float | None = None) -> Scored:
         """The log-probability of each token of `continuation` after `prompt` (or `messages`),
         teacher-forced, under the endpoint, adapter and/or soft prompt (or the base model)."""
-        request = inference_pb2.ScoreRequest(endpoint=endpoint, adapter=adapter, soft_prompt=soft_prompt,
-                                             continuation=continuation, top_logprobs=top_logprobs)
-        set_input(request, prompt, messages)
-        response = self._call(self._inference.Score, request, self._inference_md, timeout)
-        return Scored(tokens=token_logprobs(response.tokens), total_logprob=response.total_logprob,
-                      prompt_tokens=response.usage.prompt_tokens, request_id=response.request_id,
-                      endpoint=response.served_by.endpoint, adapter=response.served_by.adapter,
-                      soft_prompt=response.served_by.soft_prompt)
+        request = score_request(prompt, continuation, messages, endpoint, adapter, soft_prompt, top_logprobs)
+        return scored(self._call(self._inference.Score, request, self._inference_md, timeout))
 
     def _stream(self, request: inference_pb2.GenerateRequest, timeout: float | None) -> Iterator[StreamEvent]:
         call = self._inference.GenerateStream(request, metadata=self._inference_md, timeout=self._timeout(timeout))

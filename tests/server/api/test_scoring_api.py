@@ -115,3 +115,18 @@ def test_malformed_score_requests_are_refused(server, fields, fragment):
         with pytest.raises((LoraplexError, ValueError)) as info:
             client.score(prompt, **fields)
     assert fragment in str(info.value), info.value
+
+
+def test_the_async_client_scores_the_same(server):
+    import asyncio
+
+    from loraplex.clients.aio import AsyncClient
+
+    async def score():
+        async with AsyncClient(server.target) as client:
+            return await client.score("the quick brown", " fox", adapter="sum-lora", top_logprobs=1)
+
+    with Client(server.target, timeout=60) as client:
+        want = client.score("the quick brown", " fox", adapter="sum-lora", top_logprobs=1)
+    got = asyncio.run(score())
+    assert (got.tokens, got.total_logprob, got.adapter) == (want.tokens, want.total_logprob, want.adapter)
