@@ -21,12 +21,14 @@ from pathlib import Path
 
 from .data import DataError, Example, load_jsonl
 from .prompts import PromptFormat, default_chat
+from .retention import GENERAL_PROMPTS, load_prompts, retention
 from .scoring import METRICS, score
 from .templates import TemplateError, load_template, parse_template
 
 RUN_INFO = "training_args.json"
 REPORT_JSON = "eval.json"
 REPORT_MD = "eval.md"
+MEASURABLE_ROUGE_L = 5.0  # a base below this on a labelled task leaves no room to show a drop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", metavar="DIR", help="the tuned side: a PEFT adapter or a full model directory")
     p.add_argument("--data", required=True, metavar="FILE", help="the task's test rows (JSONL)")
     p.add_argument("--general-data", metavar="FILE", help="an unrelated task, scored before and after")
+    p.add_argument("--retention", nargs="?", const=str(GENERAL_PROMPTS), metavar="FILE",
+                   help="label-free retention against the base on general prompts (default: the shipped "
+                        "320, trainer/prompt_sets/general.jsonl): KL, likelihood ratio, ROUGE-L vs the base")
     p.add_argument("--template", metavar="NAME|FILE", help="default: the adapter's training template, else plain")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--chat", dest="chat", action="store_true", default=None, help="prompts as chat user turns")
@@ -142,12 +147,17 @@ def score_task(scorer: Scorer, rows: list[Example], shots: list[list[Example]] |
     scores = {name: score(preds, refs) for name, preds in sides.items()}
     samples = [{"reference": refs[i], **{name: preds[i] for name, preds in sides.items()}}
                for i in range(min(3, len(rows)))]
-    return {"n": len(rows), "scores": scores, "samples": samples}
+    result = {"n": len(rows), "scores": scores, "samples": samples}
+    if scores["base"]["rougeL"] < MEASURABLE_ROUGE_L:
+        result["note"] = (f"the base scores {scores['base']['rougeL']:.1f} ROUGE-L here: too low for a drop to be "
+                          "measurable (see retention, which needs no labels)")
+    return result
 
 
 def evaluate(model: str | None, adapter: Path | None, data: Path, general: Path | None = None,
              fmt: PromptFormat | None = None, base_shots: int = 0, shots_data: Path | None = None,
-             max_new_tokens: int = 64, limit: int | None = None, threads: int | None = None) -> dict:
+             max_new_tokens: int = 64, limit: int | None = None, threads: int | None = None,
+             retention_prompts: Path | None = None) -> dict:
     """The report (see module docstring). Raises DataError / TemplateError / ValueError."""
     rows = load_jsonl(data)[:limit]
     general_rows = load_jsonl(general)[:limit] if general else None
@@ -163,6 +173,12 @@ def evaluate(model: str | None, adapter: Path | None, data: Path, general: Path 
               "tasks": {"task": {"file": str(data), **score_task(scorer, rows, shots, tuned is not None)}}}
     if general_rows:
         report["tasks"]["general"] = {"file": str(general), **score_task(scorer, general_rows, None, tuned is not None)}
+    if retention_prompts is not None and tuned is not None:
+        from loraplex.server.engine.loader import cache_root
+
+        prompts = load_prompts(retention_prompts)[:limit]
+        report["retention"] = {"file": str(retention_prompts), **retention(
+            scorer.base, scorer.tuned_engine, scorer.apply, prompts, max_new_tokens, cache_root() / "retention")}
     return report
 
 
@@ -192,7 +208,12 @@ def markdown(report: dict) -> str:
                   "| side | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
         for side, s in result["scores"].items():
             lines.append(f"| {side} | " + " | ".join(f"{s[m]:.1f}" for m in METRICS) + " |")
-        lines.append("")
+        lines += [f"_{result['note']}_", ""] if result.get("note") else [""]
+    r = report.get("retention")
+    if r:
+        lines += [f"**retention against the base** (`{r['file']}`, {r['prompts']} prompts, {r['answer_tokens']} "
+                  "answer tokens)", "", "| KL(base ‖ tuned) | retention | ROUGE-L vs base |", "|---|---|---|",
+                  f"| {r['kl_base_tuned']:.4f} | {r['retention']:.3f} | {r['rouge_l_vs_base']:.1f} |", ""]
     return "\n".join(lines)
 
 
@@ -210,13 +231,17 @@ def main(argv: list[str]) -> int:
             print(f"loraplex eval: error: --{flag.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
             return 2
     adapter = Path(args.adapter) if args.adapter else None
+    if args.retention and adapter is None:
+        print("loraplex eval: error: --retention compares a tuned side with its base: give --adapter", file=sys.stderr)
+        return 2
     try:
         if adapter is not None and not adapter.is_dir():
             raise ValueError(f"--adapter {args.adapter!r} is not a directory")
         fmt = format_for(args.template, adapter, args.chat, args.model)
         report = evaluate(args.model, adapter, Path(args.data), Path(args.general_data) if args.general_data else None,
                           fmt, args.base_shots, Path(args.shots_data) if args.shots_data else None,
-                          args.max_new_tokens, args.limit, args.threads)
+                          args.max_new_tokens, args.limit, args.threads,
+                          Path(args.retention) if args.retention else None)
     except (DataError, TemplateError, ValueError, FileNotFoundError) as exc:
         print(f"loraplex eval: error: {exc}", file=sys.stderr)
         return 2
