@@ -1,6 +1,7 @@
 """Print the method comparison table (markdown) from training runs' training_args.json and eval.json.
 
     python examples/orders/table.py runs/lora runs/qlora runs/soft runs/full
+    python examples/orders/table.py --retention runs/lora ...   (eval.json from RUN-ret/, retention.sh's)
 """
 from __future__ import annotations
 
@@ -21,7 +22,27 @@ def row(run: Path) -> str:
             f"| {args['weights_bytes'] / 2**20:.2f} MiB | {args['global_step']} / {args['train_tokens']:,} |")
 
 
+def retention_row(run: Path) -> str:
+    args = json.loads((run / "training_args.json").read_text())
+    report = json.loads((run.parent / f"{run.name}-ret" / "eval.json").read_text())
+    task, r = report["tasks"]["task"]["scores"], report["retention"]
+    return (f"| {run.name} | {task['tuned']['rougeL']:.1f} / {task['tuned']['exact_match']:.1f} "
+            f"| {r['kl_base_tuned']:.3f} | {r['retention']:.3f} | {r['rouge_l_vs_base']:.1f} "
+            f"| {100 * args['trainable_share']:.3f}% | {args['peak_memory_bytes'] / 2**30:.2f} GiB "
+            f"| {args['wall_seconds'] / 60:.1f} min | {args['weights_bytes'] / 2**20:.2f} MiB |")
+
+
+def retention_table(runs: list[str]) -> None:
+    print("| run | task ROUGE-L / EM | KL(base ‖ tuned) | retention | ROUGE-L vs base | trainable | peak RSS "
+          "| wall | on disk |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        print(retention_row(Path(run)))
+
+
 def main(runs: list[str]) -> None:
+    if runs and runs[0] == "--retention":
+        return retention_table(runs[1:])
     print("| method | task ROUGE-L / EM | general ROUGE-L before → after | general EM before → after "
           "| trainable | peak RSS | wall | on disk | steps / tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
