@@ -259,7 +259,7 @@ def test_reflection_lists_the_services(server):
     files = [descriptor_pb2.FileDescriptorProto.FromString(b)
              for b in found.file_descriptor_response.file_descriptor_proto]
     services = {s.name: [m.name for m in s.method] for f in files for s in f.service}
-    assert services["Inference"] == ["Generate", "GenerateStream"]
+    assert services["Inference"] == ["Generate", "GenerateStream", "Score"]
 
 
 def test_endpoint_cap_applies_to_requests_that_leave_the_length_unset(client):
