@@ -17,7 +17,9 @@ both keep the same batch shapes from then on.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -206,6 +208,28 @@ def test_poisoned_row_changes_no_other_row(poison, tiny_model, tiny_adapters, po
     for r in tenants("mixed", 0) + after():
         tokens = bad.tokens(r.request_id)
         assert tokens == clean.tokens(r.request_id) and len(tokens) == r.params.max_new_tokens, r.request_id
+
+
+@pytest.mark.parametrize("poison", ["lora-nan", "soft-huge"])
+def test_a_poisoned_scoring_row_changes_no_other_row(poison, tiny_model, tiny_adapters, poisoned, unchecked):
+    """A scoring request (scoring.py) shares the prefill steps too, and fails alone the same way."""
+    kind = poison.split("-")[0]
+    twin = tiny_adapters["attn4" if kind == "lora" else "soft"]
+    scoring = [dataclasses.replace(row_request(kind), score_from=3)]
+    clean = Run(make_engine(tiny_model, tiny_adapters, ("x", twin)))
+    clean.phase(tenants("mixed", 0) + scoring)
+    clean.phase(after())
+    [scored] = clean.outputs["row"]
+    assert len(scored.prompt_logprobs) == 7 and all(math.isfinite(lp.logprob) for lp in scored.prompt_logprobs)
+    bad = Run(make_engine(tiny_model, tiny_adapters, ("x", poisoned[poison])))
+    bad.phase(tenants("mixed", 0) + scoring)
+    bad.phase(after())
+
+    assert_same_logits(bad, clean)
+    assert_failed_alone(bad, "x")
+    assert not bad.outputs["row"][0].prompt_logprobs
+    for r in tenants("mixed", 0) + after():
+        assert bad.tokens(r.request_id) == clean.tokens(r.request_id), r.request_id
 
 
 def test_poisoned_row_on_the_triton_path(tiny_model, tiny_adapters, poisoned, unchecked):
