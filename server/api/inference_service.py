@@ -27,26 +27,23 @@ def call_from_proto(req: pb.GenerateRequest, deadline: float | None = None) -> G
     sampling = {f: getattr(req.sampling, f) for f in SAMPLING_FIELDS if req.sampling.HasField(f)}
     if req.sampling.stop:
         sampling["stop"] = list(req.sampling.stop)
+    return GenerateCall(**_target_and_input(req), sampling=sampling, request_id=req.request_id, deadline=deadline)
+
+
+def _target_and_input(req: pb.GenerateRequest | pb.ScoreRequest) -> dict:
+    """The fields GenerateRequest and ScoreRequest share: what to apply, and the prompt or chat."""
     which = req.WhichOneof("input")
-    return GenerateCall(
-        endpoint=req.endpoint, adapter=req.adapter, soft_prompt=req.soft_prompt,
-        prompt=req.prompt if which == "prompt" else None,
-        messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
-        sampling=sampling, request_id=req.request_id, deadline=deadline,
-    )
+    return {"endpoint": req.endpoint, "adapter": req.adapter, "soft_prompt": req.soft_prompt,
+            "prompt": req.prompt if which == "prompt" else None,
+            "messages": [{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat"
+            else None}
 
 
 def score_call_from_proto(req: pb.ScoreRequest, deadline: float | None = None) -> GenerateCall:
     """A Score request as a call that scores `continuation` after the prompt or chat."""
-    which = req.WhichOneof("input")
     top = req.top_logprobs
-    return GenerateCall(
-        endpoint=req.endpoint, adapter=req.adapter, soft_prompt=req.soft_prompt,
-        prompt=req.prompt if which == "prompt" else None,
-        messages=[{"role": m.role, "content": m.content} for m in req.chat.messages] if which == "chat" else None,
-        sampling={"logprobs": True, "top_logprobs": top} if top else {}, request_id=req.request_id,
-        deadline=deadline, continuation=req.continuation,
-    )
+    return GenerateCall(**_target_and_input(req), sampling={"logprobs": True, "top_logprobs": top} if top else {},
+                        request_id=req.request_id, deadline=deadline, continuation=req.continuation)
 
 
 def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
