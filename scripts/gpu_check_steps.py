@@ -94,17 +94,8 @@ def build_model(dry_run: bool, work: Path) -> Path:
 
 
 def build_adapters(model_dir: Path, work: Path) -> dict[str, Path]:
-    top = _conftest("tests/conftest.py")
-    attn, mlp = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
-    root = work / "adapters"
-    return {
-        "attn4": top.build_lora(model_dir, root / "attn4", attn, r=4, alpha=8, seed=11, scale=0.05),
-        "mlp8": top.build_lora(model_dir, root / "mlp8", mlp, r=8, alpha=16, seed=12, scale=0.05),
-        "all16": top.build_lora(model_dir, root / "all16", attn + mlp, r=16, alpha=16, seed=13, scale=0.03),
-        "rs2": top.build_lora(model_dir, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=14, scale=0.1,
-                              use_rslora=True),
-        "soft": top.build_soft_prompt(model_dir, root / "soft", num_virtual=6, seed=15, scale=0.05),
-    }
+    """The adapters the CPU suite checks SmolLM2's parity with (tests/conftest.py)."""
+    return _conftest("tests/conftest.py").build_parity_adapters(model_dir, work / "adapters")
 
 
 @torch.no_grad()

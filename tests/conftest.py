@@ -94,11 +94,26 @@ def build_soft_prompt(model_dir: Path, out: Path, num_virtual: int, seed: int, s
     return out
 
 
+def build_parity_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
+    """The adapters a full-size model's parity is checked with (SmolLM2 here; the GPU check on the
+    device): four LoRAs of ranks 2-16 (one rsLoRA) over different projections, and a soft prompt,
+    at scales small enough for a 30-layer model to stay in its range."""
+    attn, mlp = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
+    return {
+        "attn4": build_lora(model_dir, root / "attn4", attn, r=4, alpha=8, seed=11, scale=0.05),
+        "mlp8": build_lora(model_dir, root / "mlp8", mlp, r=8, alpha=16, seed=12, scale=0.05),
+        "all16": build_lora(model_dir, root / "all16", attn + mlp, r=16, alpha=16, seed=13, scale=0.03),
+        "rs2": build_lora(model_dir, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=14, scale=0.1,
+                          use_rslora=True),
+        "soft": build_soft_prompt(model_dir, root / "soft", num_virtual=6, seed=15, scale=0.05),
+    }
+
+
 @pytest.fixture(scope="session")
 def builders() -> SimpleNamespace:
     """The builders above, for tests (test modules cannot import conftest)."""
     return SimpleNamespace(llama=build_tiny_llama, lora=build_lora, soft_prompt=build_soft_prompt,
-                           tokenizer=build_tokenizer)
+                           tokenizer=build_tokenizer, parity_adapters=build_parity_adapters)
 
 
 @pytest.fixture(scope="session")

@@ -129,16 +129,7 @@ def test_default_smollm2_matches_peft(tmp_path_factory, builders, reference, cpu
     from loraplex.server.engine.loader import resolve_model
 
     model_dir = resolve_model(None)
-    root = tmp_path_factory.mktemp("smol-adapters")
-    attn, mlp = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
-    adapters = {
-        "attn4": builders.lora(model_dir, root / "attn4", attn, r=4, alpha=8, seed=11, scale=0.05),
-        "mlp8": builders.lora(model_dir, root / "mlp8", mlp, r=8, alpha=16, seed=12, scale=0.05),
-        "all16": builders.lora(model_dir, root / "all16", attn + mlp, r=16, alpha=16, seed=13, scale=0.03),
-        "rs2": builders.lora(model_dir, root / "rs2", ["q_proj", "v_proj"], r=2, alpha=4, seed=14, scale=0.1,
-                             use_rslora=True),
-        "soft": builders.soft_prompt(model_dir, root / "soft", num_virtual=6, seed=15, scale=0.05),
-    }
+    adapters = builders.parity_adapters(model_dir, tmp_path_factory.mktemp("smol-adapters"))
     engine = Engine(EngineConfig(max_total_tokens=4096, cpu_matmul=cpu_matmul))
     assert engine.prepacked == (cpu_matmul == "onednn")
     for name, path in adapters.items():
