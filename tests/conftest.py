@@ -3,6 +3,7 @@ built from it, all inside the test session's temporary directory, and the correc
 (PEFT, one request at a time). Nothing is downloaded."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -206,8 +207,17 @@ def postgres_dsn(postgres_server):
     with psycopg.connect(postgres_server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     yield urlunsplit(urlsplit(postgres_server)._replace(path=f"/{name}"))
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    # FORCE may meet an autovacuum worker on the new database, a superuser's backend that a
+    # non-superuser role may not terminate (InsufficientPrivilege): it is gone in a moment
+    for attempt in range(40):
+        try:
+            with psycopg.connect(postgres_server, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if attempt == 39:
+                raise
+            time.sleep(0.25)
 
 
 # ---------------------------------------------------------------------------- the correctness reference
